@@ -1,0 +1,94 @@
+"""Checks on a composed job config, before any work starts: every problem found, one line each."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message lists every problem, one per line."""
+
+
+_STAGES = (0, 1, 2, 3)
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_IMPLS = ("plain", "chunked", "fused")
+_TAU_TARGETS = ("both", "teacher")
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id ("gpt2", "Qwen/Qwen2.5-7B") is not a filesystem path; these prefixes are.
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
+    """Every reason `cfg` cannot run, as readable one-liners (empty when fine)."""
+    from distill.losses import DIVERGENCES
+
+    out: list[str] = []
+    tau = cfg.get("tau")
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        out.append(f"tau={tau!r}: the distillation temperature must be a finite number > 0 (e.g. tau=2)")
+    t = cfg.trainer
+    if t.zero_stage not in _STAGES:
+        out.append(f"trainer.zero_stage={t.zero_stage!r}: must be one of {list(_STAGES)}")
+    if t.precision not in _PRECISIONS:
+        out.append(f"trainer.precision={t.precision!r}: must be one of {list(_PRECISIONS)}")
+    elif t.precision == "fp16" and not torch.cuda.is_available():
+        out.append("trainer.precision=fp16 does not work with DeepSpeed on CPU: use bf16 or fp32")
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if not isinstance(t[key], int) or t[key] < 1:
+            out.append(f"trainer.{key}={t[key]!r}: must be an integer >= 1")
+    if world_size is not None and t.get("global_batch_size") is not None:
+        expected = t.micro_batch_size * t.grad_accum * world_size
+        if t.global_batch_size != expected:
+            out.append(
+                f"trainer.global_batch_size={t.global_batch_size} != micro_batch_size ({t.micro_batch_size}) x "
+                f"grad_accum ({t.grad_accum}) x world size ({world_size}) = {expected}: fix one of them"
+            )
+    loss = cfg.loss
+    if not 0.0 <= float(loss.kd_ratio) <= 1.0:
+        out.append(f"loss.kd_ratio={loss.kd_ratio}: must be in [0, 1] (0 = SFT, 1 = pure distillation)")
+    if loss.tau_target not in _TAU_TARGETS:
+        out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(_TAU_TARGETS)}")
+    if loss.impl not in _IMPLS:
+        out.append(f"loss.impl={loss.impl!r}: must be one of {list(_IMPLS)}")
+    if cfg.divergence.name not in DIVERGENCES:
+        out.append(f"divergence={cfg.divergence.name!r}: must be one of {list(DIVERGENCES)}")
+    elif isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau):
+        out.extend(_divergence_param_problems(cfg))
+    m = cfg.model
+    for role in ("student", "teacher"):
+        path = m[role].get("path")
+        if path and _looks_local(str(path)) and not Path(str(path)).expanduser().exists():
+            out.append(f"model.{role}.path={path}: no such directory (train it first, or point at a HF model dir)")
+    if float(loss.kd_ratio) > 0 and not m.teacher.get("path") and not m.teacher.get("allow_random", False):
+        out.append(
+            "model.teacher.path is not set but loss.kd_ratio > 0: point it at a trained teacher "
+            "(train one with experiment=teacher), or use loss.kd_ratio=0 for SFT"
+        )
+    if not cfg.eval.seeds:
+        out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    return out
+
+
+def _divergence_param_problems(cfg: DictConfig) -> list[str]:
+    """Let the loss core judge the divergence's parameters on a tiny input: one source of truth."""
+    from distill.losses import divergence_per_token
+
+    params = {k: v for k, v in cfg.divergence.items() if k != "name"}
+    try:
+        divergence_per_token(cfg.divergence.name, torch.zeros(1, 3), torch.zeros(1, 3), tau=float(cfg.tau), **params)
+    except ValueError as exc:
+        return [f"divergence={cfg.divergence.name}: {exc}"]
+    return []
+
+
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError listing every problem in `cfg` (world size checks only when it is known)."""
+    found = problems(cfg, world_size)
+    if found:
+        raise ConfigError("\n  - " + "\n  - ".join(found) if len(found) > 1 else found[0])

@@ -1,0 +1,169 @@
+"""DeepSpeed at the edge: distributed env, engine config, checkpoints, export.
+
+The job runs the same way as one plain process, under torchrun, and as N tasks under submitit/SLURM:
+`setup_distributed` fills in whatever environment the launcher did not, then DeepSpeed takes over.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
+
+
+def setup_distributed(timeout_s: int = 300) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed once per process; return (rank, world_size).
+
+    Env precedence: an existing process group; torchrun's RANK/WORLD_SIZE; submitit's job environment
+    (SLURM or local executor); else a single process on a free local port.
+    """
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ and _in_submitit_job():
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        # The shared-memory comm op JIT-compiles for a minute on first use; gloo needs nothing compiled.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        timeout=_dt.timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def deepspeed_config(trainer: Mapping[str, Any], world_size: int) -> dict:
+    """The DeepSpeed JSON for the student: ZeRO stage, precision, torch AdamW (nothing JIT-compiled)."""
+    precision = trainer["precision"]
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": int(trainer["micro_batch_size"]),
+        "gradient_accumulation_steps": int(trainer["grad_accum"]),
+        "train_batch_size": int(trainer["micro_batch_size"]) * int(trainer["grad_accum"]) * world_size,
+        "gradient_clipping": float(trainer["grad_clip"]),
+        "zero_optimization": {"stage": int(trainer["zero_stage"])},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(trainer["lr"]),
+                "betas": list(trainer["betas"]),
+                "weight_decay": float(trainer["weight_decay"]),
+                "torch_adam": True,  # FusedAdam/CPUAdam would JIT-compile for minutes on CPU
+            },
+        },
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "wandb": {"enabled": False},  # tracking is ours (distill.tracking), rank 0 only
+    }
+    if int(trainer["zero_stage"]) == 3:
+        # Export needs full weights; gather them into the 16-bit state dict at save time.
+        cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return cfg
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
+    """Linear warmup to the peak, then cosine down to `min_lr_ratio` x peak at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: int):
+    """`deepspeed.initialize` the student with its optimizer and warmup+cosine schedule."""
+    import deepspeed
+
+    schedule = lr_lambda(int(trainer["warmup_steps"]), int(trainer["max_steps"]), float(trainer["min_lr_ratio"]))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=deepspeed_config(trainer, world_size),
+    )
+    return engine
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> None:
+    """Collective save (every rank writes its shard), then rank 0 prunes all but the last `keep` tags."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    dist.barrier()
+    if dist.get_rank() == 0 and keep > 0:
+        tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_latest_checkpoint(engine, run_dir: Path) -> dict | None:
+    """Resume from `<run_dir>/checkpoints/latest` if present; return its client state (step, ...)."""
+    ckpt_dir = Path(run_dir) / CKPT_DIR
+    if not (ckpt_dir / "latest").exists():
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        return None
+    log.info("resumed from %s", path)
+    return client_state
+
+
+def export_hf(engine, tokenizer, out_dir: Path, rank: int) -> None:
+    """Write the student as a plain Hugging Face model dir (safetensors); gathers ZeRO-3 shards first."""
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters())
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        if rank == 0:
+            out_dir = Path(out_dir)
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.replace(tmp, out_dir)
+    dist.barrier()

@@ -1,0 +1,103 @@
+"""Experiment tracking: one W&B run per cell (offline by default) plus a local JSONL log.
+
+Rank 0 only: other ranks get a tracker whose methods do nothing. The W&B run id is the cell's signature
+with resume="allow", so a requeued job continues the same run instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from distill.runs import flatten, redact
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+_MODES = ("offline", "online", "disabled")
+
+
+class Tracker:
+    """Logs scalars to `<run_dir>/train_log.jsonl` and, when configured, to W&B."""
+
+    def __init__(
+        self,
+        logger_cfg: Mapping[str, Any],
+        *,
+        run_id: str,
+        name: str,
+        group: str,
+        tags: list[str],
+        config: Mapping[str, Any],
+        run_dir: Path,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.run = None
+        self.log_path = Path(run_dir) / LOG_FILE
+        if not enabled:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if logger_cfg.get("name", "none") != "wandb":
+            return
+        mode = str(logger_cfg.get("mode") or "offline")
+        if mode not in _MODES:
+            raise ValueError(f"logger.mode={mode!r} is not one of {_MODES}")
+        import wandb
+
+        wandb_dir = Path(logger_cfg.get("dir") or run_dir)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=logger_cfg.get("project", "distill"),
+            entity=logger_cfg.get("entity"),
+            group=group,
+            name=name,
+            id=run_id,
+            resume="allow",
+            tags=list(tags) + list(logger_cfg.get("tags") or []),
+            config=flatten(redact(dict(config))),
+            dir=str(wandb_dir),
+            mode=mode,
+            reinit="finish_previous",  # in-process multirun: never log into the previous cell's run
+            settings=wandb.Settings(console="off", silent=True),
+        )
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Append one record to the local log and to W&B."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(dict(metrics), step=step)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        """Final results, flattened (W&B summary supports nested keys poorly in tables)."""
+        if self.run is not None:
+            for key, value in flatten(dict(metrics)).items():
+                self.run.summary[key] = value
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run; always called from a `finally` so the next cell gets a fresh run."""
+        if self.run is not None:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as exc:  # a tracking failure must not mask the training result
+                log.warning("wandb finish failed: %s", exc)
+            self.run = None
+
+    @property
+    def run_path(self) -> str | None:
+        """Where W&B put this run's files (for `wandb sync`)."""
+        return None if self.run is None else os.path.dirname(self.run.dir)
+
+
+def _scalar(value: Any) -> Any:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
