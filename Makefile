@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (main job) and `make test` (tests). Both set up the venv first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU wheel of torch on these machines; on a GPU box: make install TORCH="torch==2.13.0 --index-url <cuda index>"
+TORCH  ?= torch==2.13.0
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)          # first: otherwise pip pulls a multi-GB CUDA build
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)          ## every test, the slow and SLURM ones included (SLURM ones need scripts/slurm-up.sh)
+	$(VENV)/bin/pytest
+
+test-fast: $(STAMP)     ## skip the minutes-long integration tests
+	$(VENV)/bin/pytest -m "not slow"
+
+demo: $(STAMP)          ## the embedded tau x divergence study end to end, then its report
+	$(VENV)/bin/distill-demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf outputs .pytest_cache
