@@ -1,0 +1,41 @@
+"""Shared fixtures: the job's config composed once per test, outputs under pytest's tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# No test may reach the network: W&B offline, hub offline.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "train"):
+    """Compose the job config like `distill-train` would, without running it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One data dir for the whole session: the embedded suite is generated once and reused (cached)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, data_root):
+    """Factory: the experiment=smoke config with outputs in this test's tmp dir."""
+
+    def make(*overrides: str):
+        return compose(["experiment=smoke", f"paths.root={tmp_path}", f"paths.data_dir={data_root}", *overrides])
+
+    return make

@@ -1,0 +1,81 @@
+import json
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from distill import runs
+from tests.conftest import compose
+
+
+def test_signature_ignores_logging_paths_and_launcher_but_not_results():
+    base = compose(["paths.root=/a"])
+    same = compose(["paths.root=/b", "logger=none", "sweep_name=other", "force=true", "trainer.log_every=3"])
+    assert runs.signature(base) == runs.signature(same)
+    for override in ("tau=2", "seed=1", "divergence=rkl", "divergence=jsd", "loss.kd_ratio=0.5", "trainer.lr=0.1"):
+        assert runs.signature(compose([override])) != runs.signature(base), override
+
+
+def test_signature_is_stable_and_short():
+    cfg = compose()
+    assert runs.signature(cfg) == runs.signature(compose())
+    assert len(runs.signature(cfg)) == 8 and int(runs.signature(cfg), 16) >= 0
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        (["divergence=fkl", "tau=2"], "fkl-tau2-s0"),
+        (["divergence=rkl", "tau=0.5", "seed=3"], "rkl-tau0.5-s3"),
+        (["loss.kd_ratio=0"], "sft-s0"),
+        (["divergence=jsd", "loss.kd_ratio=0.5"], "jsd-tau1-kd0.5-s0"),
+    ],
+)
+def test_cell_name_is_readable(overrides, name):
+    assert runs.cell_name(compose(overrides)) == name
+
+
+def test_run_dir_is_derived_from_the_config_not_the_clock(tmp_path):
+    cfg = compose([f"paths.root={tmp_path}", "sweep_name=demo", "tau=2"])
+    d = runs.run_dir(cfg)
+    assert d.parent == tmp_path / "demo"
+    assert d.name == f"fkl-tau2-s0-{runs.signature(cfg)}"
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    runs.atomic_write_json(target, {"status": "running"})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        runs.atomic_write_json(target, {"status": "completed"})
+    assert json.loads(target.read_text()) == {"status": "running"}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_is_completed(tmp_path):
+    assert not runs.is_completed(tmp_path)
+    runs.atomic_write_json(tmp_path / runs.METRICS_FILE, {"status": "failed"})
+    assert not runs.is_completed(tmp_path)
+    runs.atomic_write_json(tmp_path / runs.METRICS_FILE, {"status": "completed"})
+    assert runs.is_completed(tmp_path)
+    (tmp_path / runs.METRICS_FILE).write_text("{half")
+    assert runs.read_metrics(tmp_path) is None
+
+
+def test_redact_drops_secrets_recursively():
+    data = {"logger": {"api_key": "x", "project": "p"}, "model": {"hub_token": "t", "path": "gpt2"},
+            "list": [{"password": 1, "ok": 2}]}
+    assert runs.redact(data) == {"logger": {"project": "p"}, "model": {"path": "gpt2"}, "list": [{"ok": 2}]}
+
+
+def test_flatten():
+    assert runs.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_result_config_resolves_interpolations():
+    cfg = OmegaConf.create({"x": 1, "y": "${x}", "paths": {"root": "/r"}, "logger": {"name": "none"}})
+    assert runs.result_config(cfg) == {"x": 1, "y": 1}

@@ -1,0 +1,36 @@
+import json
+
+from distill.tracking import LOG_FILE, Tracker
+
+
+def test_local_log_written_and_disabled_rank_writes_nothing(tmp_path):
+    t = Tracker({"name": "none"}, run_id="r", name="n", group="g", tags=[], config={}, run_dir=tmp_path)
+    t.log({"train/loss": 1.5}, step=3)
+    t.finish()
+    assert json.loads((tmp_path / LOG_FILE).read_text()) == {"step": 3, "train/loss": 1.5}
+
+    other = tmp_path / "rank1"
+    t1 = Tracker({"name": "wandb"}, run_id="r", name="n", group="g", tags=[], config={}, run_dir=other, enabled=False)
+    t1.log({"x": 1}, step=1)
+    t1.finish()
+    assert not other.exists()
+
+
+def test_wandb_offline_run_files_and_resume_same_id(tmp_path):
+    cfg = {"name": "wandb", "project": "distill-test", "mode": "offline", "dir": str(tmp_path)}
+    config = {"tau": 2.0, "logger": {"api_key": "SECRET"}, "model": {"name": "toy"}}
+    t = Tracker(cfg, run_id="fkl-tau2-abc", name="fkl-tau2", group="demo", tags=["div:fkl"], config=config,
+                run_dir=tmp_path / "cell")
+    t.log({"train/loss": 2.0}, step=1)
+    t.summary({"eval": {"test": {"rougeL_mean": 12.5}}})
+    t.finish()
+    runs_dirs = list((tmp_path / "wandb").glob("offline-run-*-fkl-tau2-abc"))
+    assert len(runs_dirs) == 1
+    record = (runs_dirs[0] / "run-fkl-tau2-abc.wandb").read_bytes()  # protobuf records: strings stored raw
+    assert b"model.name" in record and b"train/loss" in record
+    assert b"SECRET" not in record
+    # A requeued job re-inits with the same id: W&B resumes that run rather than creating a new id.
+    t2 = Tracker(cfg, run_id="fkl-tau2-abc", name="fkl-tau2", group="demo", tags=[], config=config,
+                 run_dir=tmp_path / "cell")
+    assert t2.run.id == "fkl-tau2-abc"
+    t2.finish()
