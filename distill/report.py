@@ -43,7 +43,9 @@ FINISHED = "completed"
 PROBLEM_STATUSES = ("running", "failed", "missing", "unreadable", "superseded")
 CELL_DIR_RE = re.compile(r"^.+-[0-9a-f]{8}$")  # <name>-<8-hex signature>
 # canonical order (and colour) of the objectives, as in the paper's tables
-DIVERGENCE_ORDER = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
+DIVERGENCE_ORDER = ("sft", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
+# per-cell identifiers inside `cell` that say nothing about the objective (never grouped on)
+IDENTITY_KEYS = ("signature", "name")
 REPORT_FILES = ("report.md", "report.csv", "report.png")
 
 
@@ -60,7 +62,8 @@ class Cell:
 
     @property
     def label_source(self) -> dict[str, Any]:
-        return (self.metrics or {}).get("cell", {})
+        """The cell description without per-cell identifiers (signature)."""
+        return {k: v for k, v in (self.metrics or {}).get("cell", {}).items() if k not in IDENTITY_KEYS}
 
 
 def parse_metrics(text: str, source: str) -> dict[str, Any]:
@@ -521,40 +524,57 @@ _WANDB_STATUS = {"finished": "completed", "running": "running", "crashed": "fail
                  "killed": "failed", "preempted": "running", "pending": "running"}
 
 
-def record_from_wandb(run_name: str, state: str, config: dict, summary: dict) -> Cell:
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a.b": 1} -> {"a": {"b": 1}} (the job logs its config to W&B with flattened keys)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *heads, last = str(key).split(".")
+        for h in heads:
+            node = node.setdefault(h, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[last] = value
+    return out
+
+
+def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> Cell:
     """Rebuild a Cell from a W&B run's config and summary.
 
-    Expects the run's config to be the resolved Hydra config (tau, seed, divergence.{name, ...},
-    loss.{kd_ratio, tau_target, tau_squared}, model.name, data.name) or to hold a `cell` dict as
-    in metrics.json, and summary keys `eval/<benchmark>/rougeL_mean` (+ `_std`, `exact_match_mean`,
-    `n`) and `valid/<ce|fkl|rkl>`.
+    The job (distill.tracking) logs the resolved Hydra config with flattened keys (tau, seed,
+    divergence.name, divergence.<param>, loss.kd_ratio, ..., model.name, data.name) and a
+    flattened final summary `eval.<benchmark>.rougeL_mean` (+ `_std`, ...) and `valid.<ce|fkl|rkl>`;
+    nested keys and `/` separators are accepted too.
     """
-    if "cell" in config and isinstance(config["cell"], dict):
-        cell = dict(config["cell"])
-    else:
-        div = dict(config.get("divergence") or {})
-        loss = config.get("loss") or {}
-        cell = {"divergence": div.pop("name", None), "divergence_params": div, "tau": config.get("tau"),
-                "seed": config.get("seed"), "tau_target": loss.get("tau_target"),
-                "tau_squared": loss.get("tau_squared"), "kd_ratio": loss.get("kd_ratio"),
-                "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name")}
+    config = _unflatten(config)
+    div = dict(config.get("divergence") or {})
+    loss = config.get("loss") or {}
+    kd_ratio = loss.get("kd_ratio", 1.0)
+    cell = {"divergence": div.pop("name", None) if kd_ratio else "sft", "divergence_params": div,
+            "tau": config.get("tau"), "seed": config.get("seed"), "tau_target": loss.get("tau_target"),
+            "tau_squared": loss.get("tau_squared"), "kd_ratio": kd_ratio,
+            "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name")}
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
     for k, v in summary.items():
-        parts = k.split("/")
+        parts = re.split(r"[./]", str(k))
         if len(parts) == 3 and parts[0] == "eval":
             evals.setdefault(parts[1], {})[parts[2]] = v
         elif len(parts) == 2 and parts[0] == "valid":
             valid[parts[1]] = v
+    for e in evals.values():  # the per-step log key is eval/<b>/rougeL; the summary has rougeL_mean
+        if "rougeL_mean" not in e and "rougeL" in e:
+            e["rougeL_mean"] = e["rougeL"]
     status = _WANDB_STATUS.get(state, "failed")
-    if status == FINISHED and not any("rougeL_mean" in e for e in evals.values()):
-        return Cell(run_name, "unreadable", None, "finished W&B run without eval/<benchmark>/rougeL_mean in its summary")
-    if cell.get("divergence") is None or cell.get("tau") is None or cell.get("seed") is None:
-        return Cell(run_name, "unreadable", None, "W&B run config lacks divergence/tau/seed")
-    metrics = {"schema_version": SCHEMA_VERSION, "status": status, "name": run_name, "cell": cell,
+    if status == FINISHED and not evals:
+        return Cell(run_id, "unreadable", None, "finished W&B run without eval.<benchmark>.rougeL_mean in its summary")
+    if cell["divergence"] is None or cell["tau"] is None or cell["seed"] is None:
+        return Cell(run_id, "unreadable", None, "W&B run config lacks divergence.name/tau/seed")
+    metrics = {"schema_version": SCHEMA_VERSION, "status": status, "name": run_id, "cell": cell,
                "valid": valid, "eval": {b: e for b, e in evals.items() if "rougeL_mean" in e},
                "updated_at": str(summary.get("_timestamp", ""))}
-    return Cell(run_name, status, metrics, None if status != "failed" else f"W&B run state '{state}'")
+    return Cell(run_id, status, metrics, None if status != "failed" else f"W&B run state '{state}'")
 
 
 def records_from_wandb(path: str, group: str, api: Any = None) -> list[Cell]:
@@ -566,7 +586,7 @@ def records_from_wandb(path: str, group: str, api: Any = None) -> list[Cell]:
 
         api = wandb.Api(timeout=30)
     runs = api.runs(path, filters={"group": group})
-    cells = [record_from_wandb(r.name, r.state, dict(r.config), dict(r.summary)) for r in runs]
+    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs]
     return dedupe(cells)
 
 

@@ -231,10 +231,14 @@ def test_cli_argument_errors(capsys):
 
 
 def fake_run(name, state, div, tau, seed, score):
-    config = {"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
-              "model": {"name": "toy"}, "data": {"name": "embedded"}}
-    summary = {"eval/test/rougeL_mean": score, "eval/test/rougeL_std": 1.0, "valid/ce": 2.0} if score is not None else {}
-    return SimpleNamespace(name=name, state=state, config=config, summary=summary)
+    """A W&B run as distill.tracking logs it: flattened resolved config and flattened summary."""
+    from distill.runs import flatten
+
+    config = flatten({"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
+                      "model": {"name": "toy"}, "data": {"name": "embedded"}})
+    summary = {} if score is None else flatten({"eval": {"test": {"rougeL_mean": score, "rougeL_std": 1.0}},
+                                                "valid": {"ce": 2.0}})
+    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, config=config, summary=summary)
 
 
 def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
@@ -263,4 +267,4 @@ def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
     assert rows[("test", "rkl", 1.0)]["n"] == "1"
     assert float(rows[("test", "fkl-rkl", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
     md = (out / "report.md").read_text()
-    assert "# Sweep report: demo" in md and "| rkl-tau1-s1 | failed |" in md
+    assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md
