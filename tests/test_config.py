@@ -1,0 +1,84 @@
+"""Config composition for every group option, and the checks run before any work starts."""
+
+from pathlib import Path
+
+import pytest
+
+from distill.config import ConfigError, problems, validate
+from tests.conftest import CONF_DIR, compose
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["model", "divergence", "data", "trainer", "eval", "logger", "experiment"])
+def test_every_group_option_composes(group):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        cfg = compose([f"{group}={option}"])
+        assert cfg.tau > 0 and "name" in cfg.divergence
+
+
+def test_top_level_keys_and_overrides():
+    cfg = compose(["divergence=jsd", "divergence.beta=0.3", "tau=2.0", "model=toy", "loss.kd_ratio=0.5"])
+    assert cfg.divergence.name == "jsd" and cfg.divergence.beta == 0.3
+    assert cfg.tau == 2.0 and cfg.loss.kd_ratio == 0.5
+    assert {"tau_target", "tau_squared", "kd_ratio"} <= set(cfg.loss)
+
+
+def test_default_config_only_lacks_a_teacher():
+    # The default (toy, kd_ratio=1) needs a trained teacher; everything else is valid.
+    found = problems(compose())
+    assert len(found) == 1 and "model.teacher.path is not set" in found[0]
+    assert problems(compose(["loss.kd_ratio=0"])) == []
+    assert problems(compose(["experiment=smoke"])) == []
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tau=0", "tau=0: the distillation temperature must be a finite number > 0"),
+        ("tau=-1", "must be a finite number > 0"),
+        ("tau=inf", "must be a finite number > 0"),
+        ("trainer.zero_stage=4", "trainer.zero_stage=4: must be one of [0, 1, 2, 3]"),
+        ("trainer.precision=fp8", "trainer.precision='fp8'"),
+        ("trainer.micro_batch_size=0", "trainer.micro_batch_size=0"),
+        ("loss.kd_ratio=1.5", "loss.kd_ratio=1.5"),
+        ("loss.tau_target=student", "loss.tau_target='student'"),
+        ("loss.impl=magic", "loss.impl='magic'"),
+        ("divergence.name=wasserstein", "divergence='wasserstein'"),
+        ("divergence=jsd divergence.beta=1.5", "divergence=jsd"),
+        ("model.student.path=/no/such/dir", "model.student.path=/no/such/dir: no such directory"),
+        ("eval.seeds=[]", "eval.seeds is empty"),
+    ],
+)
+def test_each_problem_gets_its_own_clear_message(override, message):
+    cfg = compose(["experiment=smoke", *override.split()])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert message in str(info.value)
+
+
+def test_fp16_on_cpu_is_refused():
+    assert any("fp16 does not work with DeepSpeed on CPU" in p for p in problems(compose(["experiment=smoke", "trainer.precision=fp16"])))
+
+
+def test_batch_sizes_must_match_world_size():
+    cfg = compose(["experiment=smoke", "trainer.micro_batch_size=4", "trainer.grad_accum=2", "trainer.global_batch_size=16"])
+    assert problems(cfg, world_size=2) == []
+    assert "global_batch_size=16 != micro_batch_size (4) x grad_accum (2) x world size (1) = 8" in problems(cfg, world_size=1)[0]
+
+
+def test_several_problems_are_all_reported():
+    cfg = compose(["experiment=smoke", "tau=0", "trainer.zero_stage=9"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert "tau=0" in str(info.value) and "zero_stage=9" in str(info.value)
+
+
+def test_hub_ids_are_not_mistaken_for_missing_paths():
+    cfg = compose(["model=gpt2xl_gpt2", "data=dolly"])
+    assert not [p for p in problems(cfg) if "no such directory" in p]
+    assert Path(CONF_DIR / "model" / "gpt2xl_gpt2.yaml").exists()
