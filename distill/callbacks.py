@@ -1,4 +1,4 @@
-"""Hydra callbacks: build the sweep report when a multirun ends.
+"""Hydra callbacks: keep the sweep report (report.md/.csv/.png) up to date during a multirun.
 
 Enable in the root config:
 
@@ -7,36 +7,68 @@ Enable in the root config:
         report:
           _target_: distill.callbacks.ReportCallback
 
-With a submitit launcher `on_multirun_end` runs in the submitting process once every job of
-the array has returned, so the report sees all cells.
+Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
+cells is exactly what one wants then. So the report is also rebuilt at the end of every job
+(`on_job_end`, rank 0 only); with a submitit launcher that runs inside each array task, and a
+file lock makes the last job to finish write the last, complete report.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
+LOCK_FILE = ".report.lock"
+
+
+def _is_rank_zero() -> bool:
+    """Multi-rank cells run the Hydra job once per rank; only rank 0 writes the report."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Path | None:
+    """Rebuild the report of a sweep dir under a file lock; log (never raise) on failure.
+
+    Returns the path of report.md, or None when nothing was written.
+    """
+    from filelock import FileLock, Timeout
+
+    from distill.report import build_report  # matplotlib only when a report is due
+
+    root = Path(sweep_dir)
+    try:
+        with FileLock(str(root / LOCK_FILE), timeout=timeout_s):
+            paths = build_report(root)
+    except (ValueError, Timeout) as e:
+        log.warning("sweep report for %s not written: %s", root, e)
+        return None
+    except Exception as e:  # a report bug must not turn a finished training job into a failure
+        log.error("sweep report for %s failed: %s: %s (rerun: distill-report %s)", root, type(e).__name__, e, root)
+        return None
+    return paths["report.md"]
+
 
 class ReportCallback(Callback):
-    """Write report.md/.csv/.png into hydra.sweep.dir at the end of a multirun."""
+    """Write report.md/.csv/.png into hydra.sweep.dir after each job and at the end of a multirun."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, after_each_job: bool = True) -> None:
+        self.after_each_job = after_each_job
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if not self.after_each_job or HydraConfig.get().mode != RunMode.MULTIRUN or not _is_rank_zero():
+            return
+        refresh_report(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        from distill.report import build_report  # matplotlib only when a report is due
-
-        sweep_dir = str(config.hydra.sweep.dir)
-        try:
-            paths = build_report(sweep_dir)
-        except Exception as e:  # a report problem must not turn a finished sweep into a failure
-            log.error("distill-report for %s failed: %s (rerun: distill-report %s)", sweep_dir, e, sweep_dir)
-            return
-        log.info("Sweep report: %s", paths["report.md"])
+        md = refresh_report(config.hydra.sweep.dir)
+        if md is not None:
+            log.info("Sweep report: %s", md)

@@ -1,0 +1,304 @@
+"""Launcher configs (conf/hydra/launcher), sweep files (sweeps/ via conf/sweep) and the report callback.
+
+- the launcher configs compose and their values reach submitit: the real hydra-submitit launcher
+  is instantiated and launched with submitit.AutoExecutor replaced by a spy that forwards to a real
+  executor (so submitit validates every parameter name) and renders the sbatch script;
+- every sweep file composes and expands into the right grid of job overrides, each of which
+  composes into the intended cell;
+- distill.callbacks.ReportCallback writes the report at the end of a real (tiny) multirun, also
+  when a job failed, and under the submitit local launcher.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import submitit
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SWEEPS = REPO / "sweeps"
+
+
+@pytest.fixture
+def compose_train(tmp_path, monkeypatch):
+    """compose(overrides) -> the root config with its hydra node, outputs under tmp_path."""
+    monkeypatch.setenv("DISTILL_OUTPUT", str(tmp_path / "out"))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides: compose("train", overrides=list(overrides), return_hydra_config=True)
+    GlobalHydra.instance().clear()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def test_launcher_files_extend_the_submitit_configs():
+    for name in ("local", "slurm", "slurm_cpu"):
+        text = (CONF / "hydra" / "launcher" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package hydra.launcher"), name
+
+
+@pytest.mark.parametrize("name, target", [
+    ("slurm", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"), ("local", "LocalLauncher")])
+def test_launcher_composes(compose_train, name, target):
+    cfg = compose_train([f"hydra/launcher={name}", "sweep_name=abc"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith(target)
+    assert launcher.name == "distill-abc"
+    assert launcher.submitit_folder == str(Path(cfg.paths.sweep_dir) / ".submitit" / "%j")
+    if name == "slurm":
+        assert launcher.tasks_per_node == launcher.gpus_per_node >= 1  # one rank per GPU
+        assert launcher.max_num_timeout > 0 and launcher.additional_parameters.requeue is True
+        assert launcher.partition is None and launcher.account is None and launcher.qos is None
+    if name == "slurm_cpu":
+        assert launcher.gpus_per_node is None and launcher.tasks_per_node == 1
+        assert launcher.max_num_timeout > 0
+
+
+def test_slurm_tasks_follow_gpus_override(compose_train):
+    cfg = compose_train(["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"])
+    assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.partition == "gpu"
+
+
+class SpyExecutor:
+    """Stands in for submitit.AutoExecutor: records what the launcher passes, forwards to a real one."""
+
+    calls: dict = {}
+
+    def __init__(self, cluster, **kwargs):
+        SpyExecutor.calls = {"cluster": cluster, "init": kwargs}
+        self.real = REAL_AUTO_EXECUTOR(cluster=cluster, **kwargs)
+
+    def update_parameters(self, **kwargs):
+        SpyExecutor.calls["params"] = kwargs
+        self.real.update_parameters(**kwargs)  # submitit rejects unknown names here
+
+    def map_array(self, fn, *iterables):
+        n = len(iterables[0])
+        SpyExecutor.calls["n_jobs"] = n
+        SpyExecutor.calls["job_args"] = list(zip(*iterables))
+        inner = self.real._executor
+        if isinstance(inner, submitit.SlurmExecutor):
+            SpyExecutor.calls["sbatch"] = submitit.slurm.slurm._make_sbatch_string(
+                command="python -m submitit.core._submit", folder=inner.folder, map_count=n, **inner.parameters)
+        return [SimpleNamespace(results=lambda i=i: [f"result{i}"]) for i in range(n)]
+
+
+REAL_AUTO_EXECUTOR = submitit.AutoExecutor
+
+
+def launch_with_spy(cfg, monkeypatch, overrides):
+    monkeypatch.setattr(submitit, "AutoExecutor", SpyExecutor)
+    # the real SlurmExecutor refuses to exist where there is no srun; it never submits here
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=lambda c: None, config=cfg)
+    out = launcher.launch(overrides, initial_job_idx=0)
+    return out, SpyExecutor.calls
+
+
+GRID = [["divergence=fkl", "tau=1.0"], ["divergence=fkl", "tau=2.0"], ["divergence=rkl", "tau=1.0"]]
+
+
+def test_slurm_parameters_reach_submitit(compose_train, monkeypatch):
+    cfg = compose_train(["hydra/launcher=slurm", "sweep_name=grid", "hydra.launcher.gpus_per_node=8",
+                         "hydra.launcher.partition=gpu", "hydra.launcher.account=proj",
+                         "hydra.launcher.timeout_min=600", "hydra.launcher.array_parallelism=16"])
+    out, calls = launch_with_spy(cfg, monkeypatch, GRID)
+    assert out == ["result0", "result1", "result2"]
+    assert calls["cluster"] == "slurm"
+    launcher = cfg.hydra.launcher
+    assert calls["init"] == {"folder": launcher.submitit_folder, "slurm_max_num_timeout": launcher.max_num_timeout}
+    p = calls["params"]
+    assert (p["gpus_per_node"], p["tasks_per_node"], p["timeout_min"]) == (8, 8, 600)
+    assert p["cpus_per_task"] == launcher.cpus_per_task and p["name"] == "distill-grid"
+    assert p["slurm_partition"] == "gpu" and p["slurm_account"] == "proj"
+    assert p["slurm_array_parallelism"] == 16 and p["slurm_signal_delay_s"] == launcher.signal_delay_s
+    assert p["slurm_additional_parameters"] == {"requeue": True}
+    assert f"export OMP_NUM_THREADS={launcher.cpus_per_task}" in p["slurm_setup"]
+    assert calls["n_jobs"] == 3 and [a[0] for a in calls["job_args"]] == GRID
+    sbatch = calls["sbatch"]
+    for flag in ("--gpus-per-node=8", "--ntasks-per-node=8", "--partition=gpu", "--account=proj",
+                 "--time=600", "--array=0-2%3", "--requeue", "--job-name=distill-grid",
+                 f"--cpus-per-task={launcher.cpus_per_task}", f"--signal=USR2@{launcher.signal_delay_s}"):
+        assert f"#SBATCH {flag}\n" in sbatch, flag
+    assert "--qos" not in sbatch and "--mem" not in sbatch  # null = the cluster's default
+
+
+def test_slurm_cpu_parameters_reach_submitit(compose_train, monkeypatch):
+    cfg = compose_train(["hydra/launcher=slurm_cpu", "+sweep=smoke"])
+    _, calls = launch_with_spy(cfg, monkeypatch, GRID + [["divergence=rkl", "tau=2.0"]])
+    p = calls["params"]
+    assert p["gpus_per_node"] is None and p["tasks_per_node"] == 1 and p["mem_gb"] == 2
+    assert calls["init"]["slurm_max_num_timeout"] > 0
+    sbatch = calls["sbatch"]
+    assert "--gpus-per-node" not in sbatch and "#SBATCH --ntasks-per-node=1\n" in sbatch
+    assert f"#SBATCH --array=0-3%{min(4, cfg.hydra.launcher.array_parallelism)}\n" in sbatch
+    assert "#SBATCH --mem=2GB\n" in sbatch and "#SBATCH --job-name=distill-smoke\n" in sbatch
+
+
+def test_local_parameters_reach_submitit(compose_train, monkeypatch):
+    cfg = compose_train(["hydra/launcher=local", "hydra.launcher.timeout_min=5"])
+    _, calls = launch_with_spy(cfg, monkeypatch, GRID)
+    assert calls["cluster"] == "local"
+    p = calls["params"]
+    assert (p["gpus_per_node"], p["tasks_per_node"], p["timeout_min"]) == (0, 1, 5)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def sweep_jobs(cfg):
+    """The job overrides Hydra's basic sweeper makes: sweeper params, then the command line's."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()] + list(cfg.hydra.overrides.task)
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
+    return batch
+
+
+def test_sweep_group_is_a_relative_symlink():
+    link = CONF / "sweep"
+    assert link.is_symlink() and os.readlink(link) == "../sweeps"
+    assert sorted(p.name for p in link.iterdir()) == sorted(p.name for p in SWEEPS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sweep, grid, extra", [
+    ("demo", {"divergence": ["fkl", "rkl", "jsd"], "tau": [1.0, 2.0, 4.0], "seed": [0, 1, 2]}, {}),
+    ("smoke", {"divergence": ["fkl", "rkl"], "tau": [1.0, 2.0], "seed": [0]}, {}),
+    ("paper_gpt2", {"divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"],
+                    "tau": [0.5, 1.0, 2.0, 3.0, 4.0], "seed": [0, 1, 2]},
+     {"model": "gpt2xl_gpt2", "data": "dolly"}),
+    ("family", {"divergence": sorted(p.stem for p in (CONF / "divergence").glob("*.yaml")),
+                "tau": [1.0, 2.0, 4.0], "seed": [0, 1, 2]}, {}),
+])
+def test_sweep_file_expands_to_grid(compose_train, sweep, grid, extra):
+    assert (SWEEPS / f"{sweep}.yaml").read_text().startswith("# @package _global_")
+    cfg = compose_train([f"+sweep={sweep}"])
+    assert cfg.sweep_name == sweep
+    assert cfg.paths.sweep_dir.endswith(f"/{sweep}")
+    for group, choice in extra.items():
+        assert cfg.hydra.runtime.choices[group] == choice
+    jobs = sweep_jobs(cfg)
+    assert all(job[-1] == f"+sweep={sweep}" for job in jobs)  # every job composes the sweep file too
+    cells = {tuple(o.split("=", 1)[1] for o in job[:-1]) for job in jobs}
+    assert [o.split("=")[0] for o in jobs[0][:-1]] == list(grid)
+    expected = set(itertools.product(*[[str(v) for v in vals] for vals in grid.values()]))
+    assert len(jobs) == len(cells) == len(expected)
+    assert cells == expected
+    # a job's overrides compose into the intended cell (first and last of the grid)
+    loader = GlobalHydra.instance().config_loader()
+    for job in (jobs[0], jobs[-1]):
+        job_cfg = loader.load_sweep_config(cfg, list(job))
+        want = dict(o.split("=", 1) for o in job[:-1])
+        assert job_cfg.divergence.name == want["divergence"]
+        assert job_cfg.tau == float(want["tau"]) and isinstance(job_cfg.tau, float)
+        assert job_cfg.seed == int(want["seed"])
+        assert job_cfg.sweep_name == sweep
+
+
+def test_smoke_sweep_selects_smoke_experiment(compose_train):
+    cfg = compose_train(["+sweep=smoke"])
+    assert cfg.hydra.runtime.choices["experiment"] == "smoke"
+    smoke = OmegaConf.load(CONF / "experiment" / "smoke.yaml")
+    assert cfg.trainer.max_steps == smoke.trainer.max_steps
+
+
+def test_callback_snippet_composes_with_root_config(compose_train):
+    cfg = compose_train(["+hydra.callbacks.report._target_=distill.callbacks.ReportCallback"])
+    cb = instantiate(cfg.hydra.callbacks.report)
+    assert type(cb).__name__ == "ReportCallback"
+
+
+# ----------------------------------------------------------------------------- report callback
+
+APP = '''
+import json, os, hashlib
+from pathlib import Path
+import hydra
+from omegaconf import DictConfig
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig):
+    name = f"{cfg.objective}-tau{cfg.tau:g}-s{cfg.seed}"
+    sig = hashlib.sha1(name.encode()).hexdigest()[:8]
+    d = Path(cfg.sweep_dir) / f"{name}-{sig}"
+    d.mkdir(parents=True, exist_ok=True)
+    cell = {"divergence": cfg.objective, "tau": float(cfg.tau), "seed": cfg.seed}
+    m = {"schema_version": 1, "signature": sig, "name": name, "sweep": cfg.sweep_name, "cell": cell}
+    if cfg.objective == cfg.fail_on:
+        m.update(status="failed", error="RuntimeError: boom")
+        (d / "metrics.json").write_text(json.dumps(m))
+        raise RuntimeError("boom")
+    m.update(status="completed", eval={"test": {"rougeL_mean": 10.0 * cfg.tau + cfg.seed}})
+    (d / "metrics.json").write_text(json.dumps(m))
+
+if __name__ == "__main__":
+    main()
+'''
+
+# The app's own keys avoid the names of conf/ groups (divergence, ...): conf/ is on its search
+# path for hydra/launcher=local.
+APP_CONF = '''
+sweep_name: cb
+sweep_dir: {sweep_dir}
+objective: fkl
+tau: 1.0
+seed: 0
+fail_on: none
+hydra:
+  searchpath: [file://{conf}]
+  sweep:
+    dir: ${{sweep_dir}}
+    subdir: .hydra-jobs/${{hydra.job.num}}
+  callbacks:
+    report:
+      _target_: distill.callbacks.ReportCallback
+'''
+
+
+def run_app(tmp_path, *args):
+    (tmp_path / "conf").mkdir(exist_ok=True)
+    sweep_dir = tmp_path / "sweep"
+    (tmp_path / "conf" / "config.yaml").write_text(APP_CONF.format(sweep_dir=sweep_dir, conf=CONF))
+    (tmp_path / "app.py").write_text(textwrap.dedent(APP))
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    return proc, sweep_dir
+
+
+def test_report_callback_at_multirun_end(tmp_path):
+    proc, sweep_dir = run_app(tmp_path, "objective=fkl,rkl", "tau=1.0,2.0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (sweep_dir / "report.csv").read_text().splitlines()
+    assert len([r for r in rows if r.startswith("test,fkl,")]) == 2
+    assert "4 cells: 4 completed" in (sweep_dir / "report.md").read_text()
+
+
+def test_report_callback_lists_failed_cell_even_though_multirun_fails(tmp_path):
+    # the failing cell runs first; Hydra then skips on_multirun_end, on_job_end still reports
+    proc, sweep_dir = run_app(tmp_path, "objective=jsd,fkl", "tau=1.0", "fail_on=jsd")
+    assert proc.returncode != 0 and "boom" in proc.stderr
+    md = (sweep_dir / "report.md").read_text()
+    assert "2 cells: 1 completed, 1 failed" in md
+    assert "| failed |" in md and "RuntimeError: boom" in md
+
+
+@pytest.mark.slow
+def test_report_callback_with_submitit_local_launcher(tmp_path):
+    proc, sweep_dir = run_app(tmp_path, "hydra/launcher=local", "objective=fkl,rkl", "tau=1.0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 cells: 2 completed" in (sweep_dir / "report.md").read_text()
+    assert list((sweep_dir / ".submitit").iterdir())  # it really went through submitit
