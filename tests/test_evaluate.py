@@ -159,7 +159,7 @@ def no_eos_model(tokenizer):
     return make_model(tokenizer, logit_bias={tokenizer.eos_token_id: -1e9})
 
 
-GEN = dict(max_length=40, max_prompt_length=32, progress=False)
+GEN = dict(max_length=24, max_prompt_length=16, progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
