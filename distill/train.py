@@ -32,6 +32,8 @@ from distill.config import ConfigError, validate
 from distill.tracking import Tracker
 
 log = logging.getLogger("distill.train")
+# conf/ sits next to the package (editable install): an absolute path works however the app is started.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -193,13 +195,17 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
         raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
     tokenizer = models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
     max_len, max_prompt = int(cfg.data.max_length), int(cfg.data.max_prompt_length)
-    encode = lambda recs, salt: [  # noqa: E731
+    # The target paraphrase is fixed per example (not per training seed), so every cell of a grid
+    # teacher-forces the same sequences and can share one teacher cache.
+    trunc = data_mod.TruncationStats()
+    encode = lambda recs: [  # noqa: E731
         data_mod.encode_example(tokenizer, r, template=cfg.data.template, max_length=max_len,
-                                max_prompt_length=max_prompt, target_index=(cfg.seed + salt + i))
-        for i, r in enumerate(recs)
+                                max_prompt_length=max_prompt, target_index=r.target_index(), stats=trunc)
+        for r in recs
     ]
-    train_ex = encode(splits.train, 0)
-    val_ex = encode(splits.valid, 0)
+    train_ex, val_ex = encode(splits.train), encode(splits.valid)
+    if trunc.prompts_truncated or trunc.responses_truncated:
+        log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", max_prompt, max_len, trunc.as_dict())
     pad_id = tokenizer.pad_token_id
 
     # Models: the teacher is frozen, in eval mode, outside DeepSpeed; no teacher at all for SFT.
@@ -216,7 +222,7 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
     start_step, tokens_seen = int(state.get("step", 0)), int(state.get("tokens", 0))
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
-    metrics["train"] = {"resumed_from_step": start_step}
+    metrics["train"] = {"resumed_from_step": start_step, "truncation": trunc.as_dict()}
 
     mbs, gas, max_steps = int(tcfg.micro_batch_size), int(tcfg.grad_accum), int(tcfg.max_steps)
     n_val = int(tcfg.val_batches) * world
@@ -308,7 +314,7 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_cell(cfg)
