@@ -292,7 +292,7 @@ def evaluate_benchmarks(
 # Teacher-forced metrics
 
 
-def teacher_forced_metrics(student, batches: Iterable[dict], teacher=None) -> dict[str, float]:
+def teacher_forced_metrics(student, batches: Iterable[dict], teacher=None, allow_empty: bool = False) -> dict[str, float]:
     """Token-level cross-entropy of `student` on the batches' labels and, with a `teacher`, the exact
     forward KL(teacher || student) and reverse KL(student || teacher) at tau = 1.
 
@@ -300,6 +300,8 @@ def teacher_forced_metrics(student, batches: Iterable[dict], teacher=None) -> di
     logits at position t predict labels at t + 1 (causal-LM shift). Every value is a sum over all
     scored tokens of all batches divided by their total count ("tokens"), so the result does not
     depend on how the data was batched. Runs under no_grad in eval mode and restores each model's mode.
+    `allow_empty` returns zeros with tokens=0 instead of raising when nothing is scored (one rank's
+    shard of a distributed validation may be empty; the caller aggregates sums over ranks).
     """
     models = [student] if teacher is None else [student, teacher]
     modes = [m.training for m in models]
@@ -333,6 +335,8 @@ def teacher_forced_metrics(student, batches: Iterable[dict], teacher=None) -> di
     finally:
         for m, was_training in zip(models, modes):
             m.train(was_training)
+    if tokens == 0 and allow_empty:
+        return {"ce": 0.0, "tokens": 0, **({"fkl": 0.0, "rkl": 0.0} if teacher is not None else {})}
     if tokens == 0:
         raise ValueError("the batches hold no scored tokens (every label is -100 after the causal shift)")
     metrics = {"ce": ce_sum / tokens, "tokens": tokens}

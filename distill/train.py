@@ -110,7 +110,7 @@ def validate_model(student, teacher, val_batches: list[dict], device, rank: int,
     from distill.evaluate import teacher_forced_metrics
 
     shard = [{k: v.to(device) for k, v in b.items()} for b in val_batches[rank::world]]
-    m = teacher_forced_metrics(student, shard, teacher=teacher)
+    m = teacher_forced_metrics(student, shard, teacher=teacher, allow_empty=True)
     keys = [k for k in ("ce", "fkl", "rkl") if k in m]
     sums = _all_reduce_sum([m[k] * m["tokens"] for k in keys] + [m["tokens"]], device)
     total = max(sums[-1], 1.0)

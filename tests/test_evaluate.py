@@ -413,3 +413,16 @@ def test_teacher_forced_fully_masked_batch_adds_nothing(model, tokenizer):
     assert teacher_forced_metrics(model, batches + masked, teacher=other) == pytest.approx(
         teacher_forced_metrics(model, batches, teacher=other)
     )
+
+
+def test_teacher_forced_metrics_allow_empty_returns_zero_tokens():
+    import torch as _torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16))
+    batch = {"input_ids": _torch.ones(1, 4, dtype=_torch.long), "attention_mask": _torch.ones(1, 4, dtype=_torch.long),
+             "labels": _torch.full((1, 4), -100)}
+    with pytest.raises(ValueError, match="no scored tokens"):
+        teacher_forced_metrics(model, [batch])
+    m = teacher_forced_metrics(model, [batch], teacher=model, allow_empty=True)
+    assert m == {"ce": 0.0, "tokens": 0, "fkl": 0.0, "rkl": 0.0}
