@@ -200,7 +200,7 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
     trunc = data_mod.TruncationStats()
     encode = lambda recs: [  # noqa: E731
         data_mod.encode_example(tokenizer, r, template=cfg.data.template, max_length=max_len,
-                                max_prompt_length=max_prompt, target_index=r.target_index(), stats=trunc)
+                                max_prompt_length=max_prompt, target_index=r.target_index(int(cfg.data.get("target_seed", 0))), stats=trunc)
         for r in recs
     ]
     train_ex, val_ex = encode(splits.train), encode(splits.valid)
