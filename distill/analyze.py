@@ -20,6 +20,12 @@ Positions whose gradient is numerically zero (tau ||G|| < 1e-6: float32 rounding
 probabilities, e.g. a student equal to its teacher) have no direction; they are left out of
 the share means (and counted in `n_zero`) but kept in every other mean.
 
+Reading it: the FKL/RKL contrast needs a student that differs from its teacher. Where q ~ p the
+two gradients agree to first order (both ~ (q - p) / tau) and so do their shares; with a peaked
+teacher and a flatter student, FKL's share climbs with tau while RKL's (which is ~0 wherever
+q ~ 0) barely moves. Over a large vocabulary every share tends to 1 as tau grows, since both
+distributions flatten towards uniform.
+
 `run_analysis` is the Python entry point (models + batches, or precomputed logits);
 `main` is the `distill-analyze` CLI, which writes grad_analysis.{csv,md,png} atomically.
 """
@@ -482,7 +488,8 @@ def _main(args: argparse.Namespace) -> int:
     max_len = min([max_len, *limits])
     max_prompt = min(int(data_cfg["max_prompt_length"]), max_len - 1)
     examples = [data_mod.encode_example(tokenizer, r, template=data_cfg.get("template", "alpaca"), max_length=max_len,
-                                        max_prompt_length=max_prompt) for r in records]
+                                        max_prompt_length=max_prompt,
+                                        truncation_side=data_cfg.get("truncation_side", "left")) for r in records]
     batches = (data_mod.collate_train(examples[i:i + args.batch_size], tokenizer.pad_token_id)
                for i in range(0, len(examples), args.batch_size))
     title = f"Gradient vs tau: {len(examples)} examples of {Path(args.data).name}"
