@@ -110,6 +110,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# one small node: scheduling passes are cheap, so run them often (requeued jobs start sooner)
+SchedulerParameters=sched_interval=5,bf_interval=5
 # cores are the consumable; memory is checked against RealMemory but not reserved, so jobs that
 # do not ask for memory do not block the whole node
 SelectType=select/cons_tres
@@ -118,8 +120,12 @@ SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 # preempted / timed-out / 'scontrol requeue'd jobs go back to the queue (submitit relies on it)
 JobRequeue=1
+# a requeued job may start again after cred_expire seconds (default 120); 30 keeps enough
+# time for step launches on a loaded machine
+AuthInfo=cred_expire=30
 ReturnToService=2
-KillWait=10
+# SIGTERM -> SIGKILL grace; submitit ignores SIGTERM and checkpoints on the earlier USR2
+KillWait=5
 MinJobAge=600
 InactiveLimit=0
 AccountingStorageType=accounting_storage/slurmdbd
