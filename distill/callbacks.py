@@ -1,4 +1,4 @@
-"""Hydra callbacks: keep the sweep report (report.md/.csv/.png) up to date during a multirun.
+"""Hydra callbacks: the sweep report, and a prompt exit when SLURM stops a cell.
 
 Enable in the root config:
 
@@ -6,6 +6,8 @@ Enable in the root config:
       callbacks:
         report:
           _target_: distill.callbacks.ReportCallback
+        preemption:
+          _target_: distill.callbacks.PreemptionCallback
 
 Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
 cells is exactly what one wants then. So the report is also rebuilt at the end of every job
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +76,35 @@ class ReportCallback(Callback):
         md = refresh_report(config.hydra.sweep.dir)
         if md is not None:
             log.info("Sweep report: %s", md)
+
+
+class PreemptionCallback(Callback):
+    """Under SLURM, leave at once on SIGTERM (requeue, preemption, scancel), writing no result.
+
+    SLURM sends SIGTERM to every process of a job it requeues or cancels and SIGKILL KillWait
+    seconds later. submitit ignores SIGTERM, so without this the cell trains on for those
+    seconds: it may even finish and hand submitit a result while SLURM has already put the job
+    back in the queue, or it dies half-way because the W&B service process got the signal too.
+    Exiting with SystemExit instead is what submitit itself does after a USR2 requeue: no result
+    file, so the launcher waits for the requeued attempt, which resumes from the cell's last
+    periodic checkpoint. Checkpoints and metrics.json are written atomically, so an exit in the
+    middle of either loses nothing that was complete.
+    """
+
+    def __init__(self) -> None:
+        self._previous: Any = None
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "SLURM_JOB_ID" in os.environ:
+            self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        if self._previous is not None:  # in-process multirun: the next job starts clean
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    print(f"distill: SIGTERM in SLURM job {os.environ.get('SLURM_JOB_ID')}: exiting now; a requeued "
+          "attempt resumes from the last checkpoint", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)

@@ -12,6 +12,7 @@
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -302,3 +303,24 @@ def test_report_callback_with_submitit_local_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 cells: 2 completed" in (sweep_dir / "report.md").read_text()
     assert list((sweep_dir / ".submitit").iterdir())  # it really went through submitit
+
+
+def test_preemption_callback_exits_on_sigterm_only_under_slurm(monkeypatch):
+    from distill.callbacks import PreemptionCallback
+
+    before = signal.getsignal(signal.SIGTERM)
+    cb = PreemptionCallback()
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    cb.on_job_start(config=None)
+    assert signal.getsignal(signal.SIGTERM) is before  # outside SLURM: untouched
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    cb.on_job_start(config=None)
+    try:
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs at the next bytecode boundary
+                pass
+        assert e.value.code == 128 + signal.SIGTERM
+    finally:
+        cb.on_job_end(config=None)
+    assert signal.getsignal(signal.SIGTERM) is before
