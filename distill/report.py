@@ -275,11 +275,12 @@ def summarize(cells: list[Cell]) -> Summary:
 
 # ----------------------------------------------------------------------------- words
 
-def _pm(s: Stat, digits: int = 1) -> str:
+def _pm(s: Stat, signed: bool = False) -> str:
+    """'41.0 ± 1.4' ('41.0' with one seed, no spread; '–' with none)."""
     if not s.n:
         return "–"
-    std = "–" if math.isnan(s.std) else f"{s.std:.{digits}f}"
-    return f"{s.mean:.{digits}f} ± {std}"
+    mean = _signed(s.mean) if signed else f"{s.mean:.1f}"
+    return mean if math.isnan(s.std) else f"{mean} ± {s.std:.1f}"
 
 
 def _signed(x: float) -> str:
@@ -337,7 +338,7 @@ def render_markdown(summary: Summary, sweep: str) -> str:
     lines = [f"# Sweep report: {sweep}", ""]
     lines.append(f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
     lines += ["", "Each entry is ROUGE-L (F1 x 100) **mean ± std over training seeds** (sample std, ddof=1; "
-              "'–' with one seed) with the number of seeds n; a cell's score is itself the mean over its "
+              "no ± with one seed) with the number of seeds n; a cell's score is itself the mean over its "
               "evaluation seeds (`rougeL_mean`). **Bold** = best objective at that τ (highest mean). "
               "FKL − RKL is paired by training seed: mean ± std of the per-seed differences, n = pairs; "
               "a difference is 'beyond the spread' when its |mean| exceeds that std.", ""]
@@ -362,7 +363,7 @@ def render_markdown(summary: Summary, sweep: str) -> str:
             row = []
             for t in taus:
                 d = summary.difference(bench, f, r, t)
-                row.append("–" if not d.n else f"{_signed(d.mean)} ± {'–' if math.isnan(d.std) else f'{d.std:.1f}'} (n={d.n})")
+                row.append("–" if not d.n else f"{_pm(d, signed=True)} (n={d.n})")
             name = "FKL − RKL" + (f" ({', '.join(f'{k}={_fmt_value(v)}' for k, v in f.params + f.context)})"
                                   if f.params or f.context else "")
             lines.append(f"| {name} | " + " | ".join(row) + " |")
