@@ -439,7 +439,9 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             pts = [(t, s) for t in summary.taus if (s := summary.get(bench, o, t)) and s.n]
             if not pts:
                 continue
-            ci = DIVERGENCE_ORDER.index(o.divergence) if o.divergence in DIVERGENCE_ORDER else i
+            # a fixed colour per divergence across reports (fkl blue, rkl orange, ...), sft last
+            colours = DIVERGENCE_ORDER[1:] + DIVERGENCE_ORDER[:1]
+            ci = colours.index(o.divergence) if o.divergence in colours else i
             xs = [t * offsets[o] for t, _ in pts]
             ys = [s.mean for _, s in pts]
             es = [0.0 if math.isnan(s.std) else s.std for _, s in pts]
