@@ -56,6 +56,15 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(_TAU_TARGETS)}")
     if loss.impl not in _IMPLS:
         out.append(f"loss.impl={loss.impl!r}: must be one of {list(_IMPLS)}")
+    if loss.impl == "fused":
+        if float(loss.kd_ratio) != 1.0:
+            out.append(f"loss.impl=fused computes only the distillation term: use loss.kd_ratio=1 (got {loss.kd_ratio})")
+        if t.zero_stage == 3:
+            out.append("loss.impl=fused needs the full output weights on every rank: use trainer.zero_stage <= 2")
+        if loss.get("teacher_cache"):
+            out.append("loss.impl=fused runs the teacher's hidden states: it cannot use loss.teacher_cache=true")
+    if loss.get("teacher_cache") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
+        out.append("loss.teacher_cache=true needs model.teacher.path (the cache is keyed by the teacher's files)")
     if cfg.divergence.name not in DIVERGENCES:
         out.append(f"divergence={cfg.divergence.name!r}: must be one of {list(DIVERGENCES)}")
     elif isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau):

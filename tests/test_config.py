@@ -82,3 +82,15 @@ def test_hub_ids_are_not_mistaken_for_missing_paths():
     cfg = compose(["model=gpt2xl_gpt2", "data=dolly"])
     assert not [p for p in problems(cfg) if "no such directory" in p]
     assert Path(CONF_DIR / "model" / "gpt2xl_gpt2.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.impl=fused", "loss.kd_ratio=0.5"], "loss.impl=fused computes only the distillation term"),
+        (["loss.impl=fused", "trainer.zero_stage=3"], "use trainer.zero_stage <= 2"),
+        (["loss.teacher_cache=true"], "loss.teacher_cache=true needs model.teacher.path"),
+    ],
+)
+def test_loss_implementation_constraints(overrides, message):
+    assert any(message in p for p in problems(compose(["experiment=smoke", *overrides])))
