@@ -60,6 +60,15 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
     assert isinstance(data, dict)
     for key in NON_RESULT_KEYS:
         _drop(data, key)
+    # `tau=1` and `tau=1.0` are the same cell: numbers that are floats by meaning are hashed as floats.
+    if isinstance(data.get("tau"), (int, float)):
+        data["tau"] = float(data["tau"])
+    if isinstance(data.get("loss", {}).get("kd_ratio"), (int, float)):
+        data["loss"]["kd_ratio"] = float(data["loss"]["kd_ratio"])
+    div = data.get("divergence", {})
+    for k, v in div.items():
+        if isinstance(v, int) and not isinstance(v, bool):
+            div[k] = float(v)
     return data
 
 

@@ -73,13 +73,21 @@ class Tracker:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log(dict(metrics), step=step)
+            self._safely(lambda: self.run.log(dict(metrics), step=step))
 
     def summary(self, metrics: Mapping[str, Any]) -> None:
         """Final results, flattened (W&B summary supports nested keys poorly in tables)."""
         if self.run is not None:
-            for key, value in flatten(dict(metrics)).items():
-                self.run.summary[key] = value
+            self._safely(lambda: self.run.summary.update(flatten(dict(metrics))))
+
+    def _safely(self, call) -> None:
+        # Tracking must never fail a cell: on SLURM preemption every process of the job gets the
+        # signal, W&B's service included, and the next log raises. Keep the local log; drop W&B.
+        try:
+            call()
+        except Exception as exc:
+            log.warning("wandb stopped logging for this attempt (%s); the local log goes on", exc)
+            self.run = None
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the W&B run; always called from a `finally` so the next cell gets a fresh run."""

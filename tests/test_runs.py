@@ -16,6 +16,12 @@ def test_signature_ignores_logging_paths_and_launcher_but_not_results():
         assert runs.signature(compose([override])) != runs.signature(base), override
 
 
+def test_int_and_float_spellings_are_the_same_cell():
+    assert runs.signature(compose(["tau=1"])) == runs.signature(compose(["tau=1.0"]))
+    assert runs.signature(compose(["divergence=ab", "divergence.alpha=1", "divergence.beta=0"])) == runs.signature(
+        compose(["divergence=ab", "divergence.alpha=1.0", "divergence.beta=0.0"]))
+
+
 def test_signature_is_stable_and_short():
     cfg = compose()
     assert runs.signature(cfg) == runs.signature(compose())

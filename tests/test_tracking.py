@@ -34,3 +34,18 @@ def test_wandb_offline_run_files_and_resume_same_id(tmp_path):
                  run_dir=tmp_path / "cell")
     assert t2.run.id == "fkl-tau2-abc"
     t2.finish()
+
+
+def test_a_dead_wandb_service_never_fails_the_cell(tmp_path, caplog):
+    class Dead:
+        def log(self, *a, **k):
+            raise ConnectionResetError("Connection lost")
+
+        summary = property(lambda self: (_ for _ in ()).throw(ConnectionResetError("Connection lost")))
+
+    t = Tracker({"name": "none"}, run_id="r", name="n", group="g", tags=[], config={}, run_dir=tmp_path)
+    t.run = Dead()
+    t.log({"train/loss": 1.0}, step=1)
+    assert t.run is None and "wandb stopped logging" in caplog.text
+    t.log({"train/loss": 0.5}, step=2)  # the local log goes on
+    assert (tmp_path / LOG_FILE).read_text().count("train/loss") == 2
