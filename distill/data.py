@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch cross-entropy convention)
 FORMATS = ("jsonl", "dolly", "selfinst", "vicuna", "sinst", "uninst")
-TEMPLATES = ("alpaca", "chat")
+TEMPLATES = ("alpaca", "alpaca_compact", "chat")
 TRUNCATION_SIDES = ("left", "right")
 EMBEDDED_EVAL_SETS = ("test", "shift_wording", "shift_long")
 # Which reader a benchmark name uses unless data.benchmark_formats says otherwise.
@@ -57,6 +57,11 @@ ALPACA_PROMPT_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+
+# The Alpaca structure without its preamble sentence: the preamble is ~37 of ~75 tokens per embedded
+# example under the 512-token BPE, so dropping it halves the demo's compute without changing the task.
+COMPACT_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+COMPACT_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +361,7 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
     """The prompt text the model sees before the response.
 
     ``alpaca``: MiniLLM/DistiLLM's Alpaca-style template (with or without the Input block).
+    ``alpaca_compact``: the same blocks without the preamble sentence (the embedded demo's choice).
     ``chat``: the tokenizer's chat template, one user turn (instruction, blank line, input),
     with the generation prompt appended.
     """
@@ -363,6 +369,10 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
         if record.input:
             return ALPACA_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
         return ALPACA_PROMPT.format(instruction=record.instruction)
+    if template == "alpaca_compact":
+        if record.input:
+            return COMPACT_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
+        return COMPACT_PROMPT.format(instruction=record.instruction)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template='chat' needs a tokenizer with a chat_template; use template='alpaca' otherwise")

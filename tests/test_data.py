@@ -228,6 +228,12 @@ def test_alpaca_template_with_and_without_input():
     )
 
 
+def test_compact_template_keeps_the_alpaca_blocks_without_the_preamble():
+    assert render_prompt(REC, "alpaca_compact") == "### Instruction:\nAdd the numbers.\n\n### Input:\n12 and 30\n\n### Response:\n"
+    assert render_prompt(REC_NO_INPUT, "alpaca_compact") == "### Instruction:\nName a colour.\n\n### Response:\n"
+    assert render_prompt(REC).endswith(render_prompt(REC, "alpaca_compact"))
+
+
 def test_chat_template_uses_the_tokenizer(tok):
     p = render_prompt(REC, "chat", tok)
     assert p == "<|user|>\nAdd the numbers.\n\n12 and 30\n<|assistant|>\n"
