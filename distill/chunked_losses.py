@@ -53,6 +53,33 @@ def _scale_value(scale: float | Tensor) -> float:
     return float(scale) if not isinstance(scale, Tensor) else scale.item()
 
 
+def _chunks(rows: Tensor | None, n_rows: int, chunk_size: int):
+    """Chunks of row indices: slices when every row counts (views, no copies), else index tensors."""
+    if rows is None:
+        return [slice(i, min(i + chunk_size, n_rows)) for i in range(0, n_rows, chunk_size)]
+    return [rows[i : i + chunk_size] for i in range(0, rows.numel(), chunk_size)]
+
+
+def _take(x: Tensor, idx: slice | Tensor) -> Tensor:
+    return x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+
+
+def _put(buffer: Tensor, idx: slice | Tensor, value: Tensor) -> None:
+    if isinstance(idx, slice):
+        buffer[idx].copy_(value)
+    else:
+        buffer.index_copy_(0, idx, value.to(buffer.dtype))
+
+
+def _selected_rows(mask: Tensor) -> tuple[Tensor | None, int]:
+    """Indices of the rows that count (None when all do) and their number."""
+    flat = mask.reshape(-1)
+    if bool(flat.all()):
+        return None, flat.numel()
+    rows = flat.nonzero().squeeze(1)
+    return rows, rows.numel()
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """scale * sum over selected rows of the per-token divergence, gradient computed chunk by chunk."""
 
@@ -62,15 +89,14 @@ class _ChunkedLoss(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student) if want_grad else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)  # exact-ish sum over chunks
-        for start in range(0, rows.numel(), chunk_size):
-            idx = rows[start : start + chunk_size]
-            s_chunk, t_chunk = align_vocab(student.index_select(0, idx), teacher.index_select(0, idx))
+        for idx in _chunks(rows, student.shape[0], chunk_size):
+            s_chunk, t_chunk = align_vocab(_take(student, idx), _take(teacher, idx))
             with torch.enable_grad():
                 s_chunk = s_chunk.detach().requires_grad_(want_grad)
                 value = per_token(name, s_chunk, t_chunk.detach(), tau_s, tau_t, params).sum() * scale
                 if want_grad:
                     (g,) = torch.autograd.grad(value, s_chunk)
-                    grad.index_copy_(0, idx, g)
+                    _put(grad, idx, g)
             total += value.detach()
         ctx.save_for_backward(grad)
         return total.float()
@@ -96,10 +122,10 @@ def chunked_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, ma
     chunk_size = _check_chunk_size(chunk_size)
     check_shapes(student_logits, teacher_logits)
     mask = check_mask(mask, student_logits.shape[:-1])
-    rows = mask.reshape(-1).nonzero().squeeze(1)
+    rows, count = _selected_rows(mask)
     student = student_logits.reshape(-1, student_logits.shape[-1])
     teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    scale = _scale_value(loss_scale(tau, tau_squared, rows.numel(), num_tokens))
+    scale = _scale_value(loss_scale(tau, tau_squared, count, num_tokens))
     return _ChunkedLoss.apply(student, teacher, rows, (divergence, tau_s, tau_t, params), chunk_size, scale)
 
 
@@ -115,10 +141,9 @@ class _FusedLoss(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        for start in range(0, rows.numel(), chunk_size):
-            idx = rows[start : start + chunk_size]
-            h = hidden.index_select(0, idx)
-            t_logits = F.linear(t_hidden.index_select(0, idx), t_weight, t_bias)
+        for idx in _chunks(rows, hidden.shape[0], chunk_size):
+            h = _take(hidden, idx)
+            t_logits = F.linear(_take(t_hidden, idx), t_weight, t_bias)
             logits, t_logits = align_vocab(F.linear(h, weight, bias), t_logits)
             with torch.enable_grad():
                 # Differentiate w.r.t. the float32 logits; the matmul backward is done by hand below so
@@ -127,7 +152,7 @@ class _FusedLoss(torch.autograd.Function):
                 value = per_token(name, z, t_logits.detach(), tau_s, tau_t, params).sum() * scale
                 (dz,) = torch.autograd.grad(value, z)
             if need_h:
-                grad_h.index_copy_(0, idx, (dz.to(weight.dtype) @ weight).to(grad_h.dtype))
+                _put(grad_h, idx, dz.to(weight.dtype) @ weight)
             if need_w:
                 grad_w.addmm_(dz.t(), h.float())
             if need_b:
@@ -179,10 +204,10 @@ def fused_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teac
         raise ValueError(f"teacher vocabulary {teacher_weight.shape[0]} is smaller than the student's "
                          f"{student_weight.shape[0]}; allowed: equal, or a wider teacher (extra columns dropped)")
     mask = check_mask(mask, student_hidden.shape[:-1])
-    rows = mask.reshape(-1).nonzero().squeeze(1)
+    rows, count = _selected_rows(mask)
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    scale = _scale_value(loss_scale(tau, tau_squared, rows.numel(), num_tokens))
+    scale = _scale_value(loss_scale(tau, tau_squared, count, num_tokens))
     spec = (divergence, tau_s, tau_t, params)
     return _FusedLoss.apply(hidden, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias,
                             rows, spec, chunk_size, scale)

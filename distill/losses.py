@@ -40,6 +40,12 @@ __all__ = [
     "distillation_loss",
     "kl_at_tau1",
     "resolve_params",
+    # helpers shared with distill.chunked_losses
+    "check_mask",
+    "check_shapes",
+    "check_tau",
+    "loss_scale",
+    "per_token",
 ]
 
 TAU_TARGETS = ("both", "teacher")
@@ -51,9 +57,14 @@ _VOCAB_WARNED = False  # warn once per process (module state on purpose: the che
 # divergences over sanitised log-probs: lp = log p (teacher), lq = log q (student), both 0 outside `support`
 
 
-def _msum(x: Tensor, support: Tensor) -> Tensor:
+def _in_support(x: Tensor, support: Tensor | None) -> Tensor:
+    """x inside the support, 0 outside (``support=None``: every entry is inside)."""
+    return x if support is None else torch.where(support, x, 0.0)
+
+
+def _msum(x: Tensor, support: Tensor | None) -> Tensor:
     """Sum over the vocabulary of the entries inside the support."""
-    return torch.where(support, x, 0.0).sum(-1)
+    return _in_support(x, support).sum(-1)
 
 
 def _kl(la: Tensor, lb: Tensor, support: Tensor) -> Tensor:
@@ -98,8 +109,7 @@ def _srkl(lp, lq, support, alpha):
 def _akl(lp, lq, support, mu):
     """Adaptive KL: weigh FKL by the head gap and RKL by the tail gap (weights carry no gradient)."""
     with torch.no_grad():
-        p = torch.where(support, lp.exp(), 0.0)
-        q = torch.where(support, lq.exp(), 0.0)
+        p, q = _in_support(lp.exp(), support), _in_support(lq.exp(), support)
         p_sorted, order = p.sort(dim=-1, descending=True)
         mass_before = p_sorted.cumsum(-1) - p_sorted
         head_sorted = mass_before < mu  # shortest prefix whose cumulative mass reaches mu...
@@ -121,6 +131,8 @@ def _ab(lp, lq, support, alpha, beta):
     if alpha == 0.0:  # 1/b^2 sum [q^b log(q^b / p^b) - q^b + p^b]; (0, 1) is RKL
         qb, pb = (beta * lq).exp(), (beta * lp).exp()
         return _msum(qb * beta * (lq - lp) - qb + pb, support) / beta**2
+    # General case. Note: for |alpha * beta| tiny but non-zero the three terms cancel to ~eps / |alpha * beta|
+    # relative error in float32; use the exact limits (alpha or beta = 0) there.
     s = alpha + beta
     term = (alpha * lp + beta * lq).exp() - alpha / s * (s * lp).exp() - beta / s * (s * lq).exp()
     return -_msum(term, support) / (alpha * beta)
@@ -255,16 +267,26 @@ def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor,
 # per-position values and reductions
 
 
-def _log_probs(student: Tensor, teacher: Tensor, tau_s: float, tau_t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Sanitised (lp, lq, support) of aligned logits, renormalised over the common finite support."""
+def _log_softmax(x: Tensor, tau: float) -> Tensor:
+    return F.log_softmax(x if tau == 1.0 else x / tau, dim=-1)
+
+
+def _log_probs(student: Tensor, teacher: Tensor, tau_s: float,
+               tau_t: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Sanitised (lp, lq, support) of aligned logits, renormalised over the common finite support.
+
+    ``support`` is None when every entry is inside it (the common case: saves several [N, V] temporaries).
+    """
     dtype = torch.promote_types(student.dtype, torch.float32)
     s, t = student.to(dtype), teacher.to(dtype)
     joint = (s != -math.inf) & (t != -math.inf)
+    if bool(joint.all()):
+        return _log_softmax(t, tau_t), _log_softmax(s, tau_s), None
     empty = ~joint.any(-1, keepdim=True)  # no common entry: make both uniform, i.e. contribute 0
     fill = torch.where(empty, 0.0, -math.inf).to(dtype)
     support = joint | empty
-    lq = F.log_softmax(torch.where(joint, s, fill) / tau_s, dim=-1)
-    lp = F.log_softmax(torch.where(joint, t, fill) / tau_t, dim=-1)
+    lq = _log_softmax(torch.where(joint, s, fill), tau_s)
+    lp = _log_softmax(torch.where(joint, t, fill), tau_t)
     # Replace the -inf outside the support by 0 so that no inf/NaN can leak into values or gradients
     # (a masked-out 0 * (-inf) would still poison the backward pass through torch.where).
     return torch.where(support, lp, 0.0), torch.where(support, lq, 0.0), support
@@ -305,6 +327,14 @@ def loss_scale(tau: float, tau_squared: bool, count: int, num_tokens) -> float |
     return factor / float(num_tokens)
 
 
+def _select(logits: Tensor, mask: Tensor) -> Tensor:
+    """[n_selected, V] rows where mask is true. Only those rows are computed: padding costs nothing and its
+    garbage (NaN, -inf) cannot leak into gradients. A full mask gives a view instead of a copy."""
+    if bool(mask.all()):
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[mask]
+
+
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, divergence: str,
                       tau: float, tau_target: str = "both", tau_squared: bool = True, num_tokens=None,
                       **params) -> Tensor:
@@ -323,8 +353,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
     tau_s, tau_t = check_tau(tau, tau_target)
     check_shapes(student_logits, teacher_logits)
     mask = check_mask(mask, student_logits.shape[:-1])
-    # Only the selected rows are computed: padding never costs memory nor leaks NaN into gradients.
-    student, teacher = align_vocab(student_logits[mask], teacher_logits[mask])
+    student, teacher = align_vocab(_select(student_logits, mask), _select(teacher_logits, mask))
     total = per_token(divergence, student, teacher, tau_s, tau_t, params).sum()
     return total * loss_scale(tau, tau_squared, student.shape[0], num_tokens)
 
@@ -338,7 +367,7 @@ def kl_at_tau1(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> 
     """
     check_shapes(student_logits, teacher_logits)
     mask = check_mask(mask, student_logits.shape[:-1])
-    student, teacher = align_vocab(student_logits[mask], teacher_logits[mask])
+    student, teacher = align_vocab(_select(student_logits, mask), _select(teacher_logits, mask))
     lp, lq, support = _log_probs(student, teacher, 1.0, 1.0)
     return {
         "fkl": _fkl(lp, lq, support).sum().float(),

@@ -15,8 +15,8 @@ PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "
 CLOSE = dict(rtol=1e-5, atol=1e-7)
 
 
-def _inputs(seed: int, shape=(3, 7, 29), scale=3.0, dtype=torch.float32):
-    """Logits with -inf entries (shared padding, student-only, teacher-only) and a ragged mask."""
+def _inputs(seed: int, shape=(3, 7, 29), scale=3.0, dtype=torch.float32, full_mask=False):
+    """Logits with -inf entries (shared padding, student-only, teacher-only) and a ragged (or full) mask."""
     g = torch.Generator().manual_seed(seed)
     s, t = scale * torch.randn(shape, generator=g), scale * torch.randn(shape, generator=g)
     s[..., -3:] = -math.inf
@@ -25,6 +25,8 @@ def _inputs(seed: int, shape=(3, 7, 29), scale=3.0, dtype=torch.float32):
     t[2, 3, 5] = -math.inf
     mask = torch.rand(shape[:-1], generator=g) > 0.35
     mask[0, 1] = mask[2, 3] = True
+    if full_mask:
+        mask[:] = True  # every row counts: the chunks are views instead of gathered copies
     s[~mask] = math.nan  # padding garbage must not matter
     return s.to(dtype), t.to(dtype), mask
 
@@ -39,8 +41,9 @@ def _loss_and_grad(fn, student, *args, **kwargs):
 @pytest.mark.parametrize("name", DIVERGENCES)
 @pytest.mark.parametrize(("tau", "tau_target"), [(0.5, "both"), (2.0, "both"), (4.0, "teacher")])
 @pytest.mark.parametrize("chunk_size", [1, 5, 1024])
-def test_chunked_equals_plain(name, tau, tau_target, chunk_size):
-    s, t, mask = _inputs(DIVERGENCES.index(name))
+@pytest.mark.parametrize("full_mask", [False, True])
+def test_chunked_equals_plain(name, tau, tau_target, chunk_size, full_mask):
+    s, t, mask = _inputs(DIVERGENCES.index(name), full_mask=full_mask)
     assert int(mask.sum()) % 5 != 0  # the chunk size 5 does not divide the token count
     kw = dict(divergence=name, tau=tau, tau_target=tau_target, **PARAMS.get(name, {}))
     want, want_grad = _loss_and_grad(distillation_loss, s, t, mask, **kw)
@@ -114,9 +117,11 @@ def _leaves(*tensors):
 
 @pytest.mark.filterwarnings("ignore:teacher vocabulary")
 @pytest.mark.parametrize("name", DIVERGENCES)
-@pytest.mark.parametrize(("bias", "v_t"), [(True, 23), (False, 27)])
-def test_fused_equals_plain_on_logits(name, bias, v_t):
+@pytest.mark.parametrize(("bias", "v_t", "full_mask"), [(True, 23, False), (False, 27, False), (True, 23, True)])
+def test_fused_equals_plain_on_logits(name, bias, v_t, full_mask):
     hs, ws, bs, ht, wt, bt, mask = _fused_inputs(11, bias=bias, v_t=v_t)
+    if full_mask:
+        mask[:] = True
     if not bias:
         wt[23:] = 0.0  # the wider teacher's extra columns (logit 0): dropped by the vocabulary rule
     kw = dict(divergence=name, tau=2.0, **PARAMS.get(name, {}))
@@ -135,6 +140,23 @@ def test_fused_equals_plain_on_logits(name, bias, v_t):
     torch.testing.assert_close(w2.grad, 0.5 * w1.grad, rtol=1e-5, atol=1e-6)
     if bias:
         torch.testing.assert_close(b2.grad, 0.5 * b1.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_bf16_matches_plain_and_keeps_dtypes():
+    hs, ws, bs, ht, wt, bt, mask = (x.to(torch.bfloat16) if x.is_floating_point() else x
+                                    for x in _fused_inputs(31))
+    h1, w1, b1 = _leaves(hs, ws, bs)
+    want = distillation_loss(torch.nn.functional.linear(h1, w1, b1), torch.nn.functional.linear(ht, wt, bt), mask,
+                             divergence="jsd", tau=2.0)
+    want.backward()
+    h2, w2, b2 = _leaves(hs, ws, bs)
+    got = fused_distillation_loss(h2, w2, ht, wt, mask, divergence="jsd", tau=2.0, chunk_size=4, student_bias=b2,
+                                  teacher_bias=bt)
+    got.backward()
+    assert got.dtype == torch.float32 and (h2.grad.dtype, w2.grad.dtype, b2.grad.dtype) == (torch.bfloat16,) * 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in ((h2.grad, h1.grad), (w2.grad, w1.grad), (b2.grad, b1.grad)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)  # bf16 matmuls/accumulation
 
 
 def test_fused_frozen_weight_and_all_masked():
