@@ -60,8 +60,26 @@ def _chunks(rows: Tensor | None, n_rows: int, chunk_size: int):
     return [rows[i : i + chunk_size] for i in range(0, rows.numel(), chunk_size)]
 
 
+def _flat(x: Tensor) -> Tensor | None:
+    """x [..., D] as a [N, D] view, or None when that would need a copy (e.g. logits[:, :-1])."""
+    if x.dim() == 2:
+        return x
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def _take(x: Tensor, idx: slice | Tensor) -> Tensor:
-    return x[idx] if isinstance(idx, slice) else x.index_select(0, idx)
+    """Rows idx of x seen as [N, D], copying only those rows (never the whole of a non-viewable x)."""
+    flat = _flat(x)
+    if isinstance(idx, slice):
+        if flat is not None:
+            return flat[idx]
+        idx = torch.arange(idx.start, idx.stop, device=x.device)
+    if flat is not None:
+        return flat.index_select(0, idx)
+    return x[torch.unravel_index(idx, x.shape[:-1])]
 
 
 def _put(buffer: Tensor, idx: slice | Tensor, value: Tensor) -> None:
@@ -87,9 +105,10 @@ class _ChunkedLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, rows, spec, chunk_size, scale):
         name, tau_s, tau_t, params = spec
         want_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student) if want_grad else None
+        n_rows, vocab = student.shape[:-1].numel(), student.shape[-1]
+        grad = student.new_zeros(n_rows, vocab) if want_grad else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)  # exact-ish sum over chunks
-        for idx in _chunks(rows, student.shape[0], chunk_size):
+        for idx in _chunks(rows, n_rows, chunk_size):
             s_chunk, t_chunk = align_vocab(_take(student, idx), _take(teacher, idx))
             with torch.enable_grad():
                 s_chunk = s_chunk.detach().requires_grad_(want_grad)
@@ -99,14 +118,17 @@ class _ChunkedLoss(torch.autograd.Function):
                     _put(grad, idx, g)
             total += value.detach()
         ctx.save_for_backward(grad)
+        ctx.student_shape = student.shape
         return total.float()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if grad is not None and grad_out.ne(1).item():  # skip a full pass in the usual case grad_out == 1
-            grad = grad * grad_out.to(grad.dtype)
+        if grad is not None:
+            if grad_out.ne(1).item():  # skip a full pass in the usual case grad_out == 1
+                grad = grad * grad_out.to(grad.dtype)
+            grad = grad.view(ctx.student_shape)
         return grad, None, None, None, None, None
 
 
@@ -123,10 +145,11 @@ def chunked_distillation_loss(student_logits: Tensor, teacher_logits: Tensor, ma
     check_shapes(student_logits, teacher_logits)
     mask = check_mask(mask, student_logits.shape[:-1])
     rows, count = _selected_rows(mask)
-    student = student_logits.reshape(-1, student_logits.shape[-1])
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     scale = _scale_value(loss_scale(tau, tau_squared, count, num_tokens))
-    return _ChunkedLoss.apply(student, teacher, rows, (divergence, tau_s, tau_t, params), chunk_size, scale)
+    # The logits go in with their own shape: a non-contiguous slice such as logits[:, :-1] is never copied
+    # whole, only each chunk's rows are gathered.
+    spec = (divergence, tau_s, tau_t, params)
+    return _ChunkedLoss.apply(student_logits, teacher_logits, rows, spec, chunk_size, scale)
 
 
 class _FusedLoss(torch.autograd.Function):

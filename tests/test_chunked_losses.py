@@ -53,6 +53,24 @@ def test_chunked_equals_plain(name, tau, tau_target, chunk_size, full_mask):
     torch.testing.assert_close(got_grad, want_grad, **CLOSE)
 
 
+@pytest.mark.parametrize("full_mask", [False, True])
+def test_chunked_takes_non_contiguous_logits(full_mask):
+    """logits[:, :-1] (as in next-token training) is not viewable as [N, V]: rows are gathered per chunk."""
+    s_all, t_all, _ = _inputs(37, shape=(3, 8, 29))
+    s_all, t_all = s_all.nan_to_num(nan=0.5), t_all.nan_to_num(nan=0.5)
+    mask = torch.ones(3, 7, dtype=torch.bool) if full_mask else torch.rand(3, 7) > 0.3
+    results = []
+    for fn, kw in ((distillation_loss, {}), (chunked_distillation_loss, {"chunk_size": 4})):
+        x = s_all.clone().requires_grad_(True)
+        loss = fn(x[:, :-1], t_all[:, :-1], mask, divergence="srkl", tau=2.0, **kw)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert not s_all[:, :-1].is_contiguous()
+    torch.testing.assert_close(got, want, **CLOSE)
+    torch.testing.assert_close(got_grad, want_grad, **CLOSE)
+
+
 @pytest.mark.parametrize("name", ["fkl", "jsd", "ab"])
 def test_chunked_reductions_and_outer_scaling(name):
     """num_tokens, tau_squared=False and a loss scaled after the call (grad_out != 1) all match."""
