@@ -62,36 +62,45 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != -100
 
 
+def _kd_kwargs(cfg: DictConfig, num_tokens: float) -> dict[str, Any]:
+    params = {k: v for k, v in cfg.divergence.items() if k != "name"}
+    return dict(divergence=cfg.divergence.name, tau=float(cfg.tau), tau_target=cfg.loss.tau_target,
+                tau_squared=bool(cfg.loss.tau_squared), num_tokens=num_tokens, **params)
+
+
 def batch_loss(cfg: DictConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                labels: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
     """kd_ratio x distillation + (1 - kd_ratio) x CE, each a masked sum over `num_tokens` global tokens."""
-    from distill.losses import distillation_loss
+    from distill.chunked_losses import loss_fn_for
 
     mask = response_mask(labels)
     s = student_logits[:, :-1]
-    target = labels[:, 1:]
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), target.reshape(-1),
+    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), labels[:, 1:].reshape(-1),
                          ignore_index=-100, reduction="sum") / num_tokens
     kd_ratio = float(cfg.loss.kd_ratio)
-    parts = {"ce": ce.item()}
     if kd_ratio == 0.0:
-        return ce, parts
-    params = {k: v for k, v in cfg.divergence.items() if k != "name"}
-    kd = distillation_loss(
-        s, teacher_logits[:, :-1], mask, divergence=cfg.divergence.name, tau=float(cfg.tau),
-        tau_target=cfg.loss.tau_target, tau_squared=bool(cfg.loss.tau_squared), num_tokens=num_tokens, **params,
-    ) if cfg.loss.impl == "plain" else _chunked_kd(cfg, s, teacher_logits[:, :-1], mask, num_tokens, params)
-    parts["kd"] = kd.item()
-    return kd_ratio * kd + (1.0 - kd_ratio) * ce, parts
+        return ce, {"ce": ce.item()}
+    kd_fn = loss_fn_for(cfg.loss.impl, chunk_size=int(cfg.loss.chunk_size))
+    kd = kd_fn(s, teacher_logits[:, :-1], mask, **_kd_kwargs(cfg, num_tokens))
+    return kd_ratio * kd + (1.0 - kd_ratio) * ce, {"ce": ce.item(), "kd": kd.item()}
 
 
-def _chunked_kd(cfg, s, t, mask, num_tokens, params):
-    from distill.chunked_losses import chunked_distillation_loss
+def fused_batch_loss(cfg: DictConfig, engine, teacher, batch: dict, num_tokens: float):
+    """The distillation loss from last hidden states and output weights: full logits never exist."""
+    from distill.chunked_losses import fused_distillation_loss
 
-    return chunked_distillation_loss(
-        s, t, mask, divergence=cfg.divergence.name, tau=float(cfg.tau), chunk_size=int(cfg.loss.chunk_size),
-        tau_target=cfg.loss.tau_target, tau_squared=bool(cfg.loss.tau_squared), num_tokens=num_tokens, **params,
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    # logits_to_keep=1: the model computes logits for the last position only; we need its hidden states.
+    s_hidden = engine(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    with torch.no_grad():
+        t_hidden = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    s_head, t_head = engine.module.get_output_embeddings(), teacher.get_output_embeddings()
+    kd = fused_distillation_loss(
+        s_hidden[:, :-1], s_head.weight, t_hidden[:, :-1], t_head.weight, response_mask(batch["labels"]),
+        chunk_size=int(cfg.loss.chunk_size), student_bias=s_head.bias, teacher_bias=t_head.bias,
+        **_kd_kwargs(cfg, num_tokens),
     )
+    return kd, {"kd": kd.item()}
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -216,6 +225,15 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
         teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
         teacher.requires_grad_(False).eval().to(device)
         models.check_vocab(student, teacher, tokenizer)
+    cache = None
+    if teacher is not None and cfg.loss.teacher_cache:
+        from distill.teacher_cache import TeacherCache
+
+        cache = TeacherCache.build_or_load(
+            Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=pad_id,
+            batch_size=int(tcfg.micro_batch_size), topk=cfg.loss.get("teacher_cache_topk"), device=device,
+            dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
+        )
     engine = eng.initialize(student, tcfg, world)
 
     state = eng.load_latest_checkpoint(engine, rdir) or {}
@@ -239,22 +257,25 @@ def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_m
     loss_sum, loss_steps = 0.0, 0
     engine.train()
     for step in range(start_step, max_steps):
-        micro_batches = [
-            data_mod.collate_train([train_ex[i] for i in sample_indices(
-                len(train_ex), step, m, rank, world=world, micro_bs=mbs, grad_accum=gas, seed=int(cfg.seed))], pad_id)
-            for m in range(gas)
-        ]
+        ids = [sample_indices(len(train_ex), step, m, rank, world=world, micro_bs=mbs, grad_accum=gas,
+                              seed=int(cfg.seed)) for m in range(gas)]
+        micro_batches = [data_mod.collate_train([train_ex[i] for i in idx], pad_id) for idx in ids]
         # Exact accumulation: every micro-batch's loss is a masked SUM over the step's global token count.
         local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
-        num_tokens = _all_reduce_sum([local_tokens], device)[0]
-        for batch in micro_batches:
+        num_tokens = max(_all_reduce_sum([local_tokens], device)[0], 1.0)
+        for idx, batch in zip(ids, micro_batches):
             batch = {k: v.to(device) for k, v in batch.items()}
-            s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, parts = batch_loss(cfg, s_logits, t_logits, batch["labels"], max(num_tokens, 1.0))
+            if cfg.loss.impl == "fused":
+                loss, parts = fused_batch_loss(cfg, engine, teacher, batch, num_tokens)
+            else:
+                s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t_logits = None
+                if cache is not None:
+                    t_logits = cache.batch_logits(idx, batch["labels"])
+                elif teacher is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss, parts = batch_loss(cfg, s_logits, t_logits, batch["labels"], num_tokens)
             # DeepSpeed divides by grad_accum and averages over ranks; our loss is already the global mean.
             engine.backward(loss * gas * world)
             engine.step()
