@@ -423,8 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="distill-analyze",
         description="Share of each divergence's gradient on the teacher's non-dominant tokens vs the "
                     "distillation temperature tau; writes grad_analysis.{csv,md,png}.")
-    p.add_argument("--teacher", required=True, help="teacher: Hugging Face model dir")
-    p.add_argument("--student", required=True, help="student: Hugging Face model dir (e.g. a job's exported student/)")
+    p.add_argument("--demo", nargs="?", const=os.environ.get("DISTILL_OUTPUT", "outputs"), default=None, metavar="ROOT",
+                   help="analyse distill-demo's teacher and SFT student under ROOT (default: $DISTILL_OUTPUT or "
+                        "outputs), with its data and template; writes ROOT/demo/analysis unless --out is given")
+    p.add_argument("--teacher", default=None, help="teacher: Hugging Face model dir")
+    p.add_argument("--student", default=None, help="student: Hugging Face model dir (e.g. a job's exported student/)")
+    p.add_argument("--template", default=None, help="prompt template (default: the data config's)")
     p.add_argument("--data", default="embedded", help="'embedded' (generated suite) or a JSONL file in the MiniLLM schema")
     p.add_argument("--split", default="valid", help="split of the embedded suite (default: valid)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the embedded suite's; required for JSONL)")
@@ -437,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-positions", type=int, default=4096,
                    help="cap on response positions analysed (logits are kept as [N, V] on the CPU; default: 4096)")
     p.add_argument("--max-length", type=int, default=None, help="override the data config's max_length")
-    p.add_argument("--out", default="outputs/analysis", help="output dir (default: outputs/analysis)")
+    p.add_argument("--out", default=None, help="output dir (default: outputs/analysis)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--wandb", action="store_true", help="also log the table and plot to an OFFLINE W&B run in --out")
     return p
@@ -453,10 +457,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _use_demo(args: argparse.Namespace) -> None:
+    """Fill in the teacher, student, data and template of `distill-demo --root ROOT`."""
+    from distill.demo import compose, prep_model_dirs
+
+    root = Path(args.demo).resolve()
+    dirs = prep_model_dirs(root)
+    cfg = compose(["experiment=demo", f"paths.root={root}"])
+    args.teacher = args.teacher or str(dirs["teacher"])
+    args.student = args.student or str(dirs["student"])
+    args.data_root = args.data_root or cfg.paths.data_dir
+    args.template = args.template or cfg.data.template
+    args.out = args.out or str(root / "demo" / "analysis")
+
+
 def _main(args: argparse.Namespace) -> int:
     from distill import data as data_mod
     from distill import models
 
+    if args.demo is not None:
+        _use_demo(args)
+    if args.teacher is None or args.student is None:
+        raise ValueError("give --teacher and --student model dirs, or --demo [ROOT] for distill-demo's pair")
+    args.out = args.out or "outputs/analysis"
     # Validate everything cheap before loading models.
     objectives, taus = parse_objectives(args.objectives), parse_taus(args.taus)
     if args.topk < 1:
@@ -487,7 +510,8 @@ def _main(args: argparse.Namespace) -> int:
     limits = [m for m in (_max_positions(teacher), _max_positions(student)) if m]
     max_len = min([max_len, *limits])
     max_prompt = min(int(data_cfg["max_prompt_length"]), max_len - 1)
-    examples = [data_mod.encode_example(tokenizer, r, template=data_cfg.get("template", "alpaca"), max_length=max_len,
+    template = args.template or data_cfg.get("template", "alpaca")
+    examples = [data_mod.encode_example(tokenizer, r, template=template, max_length=max_len,
                                         max_prompt_length=max_prompt,
                                         truncation_side=data_cfg.get("truncation_side", "left")) for r in records]
     batches = (data_mod.collate_train(examples[i:i + args.batch_size], tokenizer.pad_token_id)

@@ -49,6 +49,21 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=overrides)
 
 
+def prep_overrides(root: Path, scale: str = "full") -> dict[str, list[str]]:
+    """The overrides of the two prep stages (teacher SFT, student warm start) for `root` and `scale`."""
+    preset = SCALES[scale]
+    prep = [f"paths.root={root}", "sweep_name=demo-prep", *preset["overrides"]]
+    return {
+        "teacher": [experiments(*preset["base"], "teacher", "demo_teacher"), *prep],
+        "student": [experiments(*preset["base"], "demo_student"), *prep],
+    }
+
+
+def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
+    """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
+    return {role: runs.run_dir(compose(o)) / "student" for role, o in prep_overrides(root, scale).items()}
+
+
 def run_job(args: list[str]) -> None:
     """Run `distill-train` with `args` as a child process; fail loudly if it fails."""
     cmd = [sys.executable, "-m", "distill.train", *args]
@@ -83,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     root = Path(args.root).resolve()
     scale = SCALES[args.scale]
-    prep = [f"paths.root={root}", "sweep_name=demo-prep", *scale["overrides"]]
-    teacher = stage("1/4 teacher (SFT, 4 layers)", [experiments(*scale["base"], "teacher", "demo_teacher"), *prep])
-    student = stage("2/4 student warm start (SFT, 2 layers)", [experiments(*scale["base"], "demo_student"), *prep])
+    prep = prep_overrides(root, args.scale)
+    teacher = stage("1/4 teacher (SFT, 4 layers)", prep["teacher"])
+    student = stage("2/4 student warm start (SFT, 2 layers)", prep["student"])
 
     print("\n== 3/4 the sweep: divergence x tau x seed, distilled from the warm start", flush=True)
     t_sweep = time.time()

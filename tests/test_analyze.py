@@ -266,3 +266,30 @@ def test_run_analysis_on_precomputed_logits_drops_a_padded_teacher_vocab(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(analyze.OUTPUT_NAMES)
     with pytest.raises(ValueError, match="teacher and a student"):
         analyze.run_analysis(None, None, [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}])
+
+
+def test_cli_demo_mode_finds_the_demos_pair_data_and_template(tiny_pair, tmp_path, monkeypatch):
+    """`distill-analyze --demo ROOT` reads the prep stages' exported models by their run signatures."""
+    import shutil
+
+    from distill.demo import prep_model_dirs
+
+    root, _, dirs = tiny_pair
+    demo_root = tmp_path / "demo_root"
+    shutil.copytree(root / "data", demo_root / "data")  # the suite the demo would have built
+    for role, target in prep_model_dirs(demo_root).items():
+        shutil.copytree(dirs[role], target)
+    seen = {}
+    from distill import data as data_mod
+
+    original = data_mod.encode_example
+    monkeypatch.setattr(data_mod, "encode_example", lambda *a, **k: seen.setdefault("template", k["template"]) and original(*a, **k))
+    rc = analyze.main(["--demo", str(demo_root), "--objectives", "fkl,rkl", "--taus", "1,2", "--num-examples", "4"])
+    assert rc == 0
+    assert seen["template"] == "alpaca_compact"
+    assert len(read_csv(demo_root / "demo" / "analysis" / "grad_analysis.csv")) == 4
+
+
+def test_cli_without_a_pair_says_what_to_give(capsys):
+    assert analyze.main(["--objectives", "fkl"]) == 2
+    assert "give --teacher and --student model dirs, or --demo" in capsys.readouterr().err
