@@ -1,0 +1,193 @@
+"""The job, in-process on tiny models: one cell end to end, ZeRO stages, resume, skip, SFT, W&B, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill import engine as eng
+from distill import runs
+from distill.train import run_cell, sample_indices
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def test_sample_indices_cover_each_epoch_once_and_split_ranks():
+    n, mbs, world, gas = 20, 2, 2, 1
+    epoch = []
+    for step in range(5):  # 5 steps x 4 examples = one epoch of 20
+        for rank in range(world):
+            epoch += sample_indices(n, step, 0, rank, world=world, micro_bs=mbs, grad_accum=gas, seed=7)
+    assert sorted(epoch) == list(range(n))
+    assert sample_indices(n, 3, 0, 1, world=2, micro_bs=2, grad_accum=1, seed=7) == \
+        sample_indices(n, 3, 0, 1, world=2, micro_bs=2, grad_accum=1, seed=7)
+    assert sample_indices(n, 5, 0, 0, world=2, micro_bs=2, grad_accum=1, seed=7) != \
+        sample_indices(n, 0, 0, 0, world=2, micro_bs=2, grad_accum=1, seed=7)  # next epoch reshuffled
+
+
+def test_smoke_cell_end_to_end(smoke_cfg):
+    cfg = smoke_cfg("divergence=rkl", "tau=2")
+    m = run_cell(cfg)
+    d = runs.run_dir(cfg)
+    assert m["status"] == "completed" and runs.read_metrics(d) == json.loads(json.dumps(m))
+    assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0 and m["signature"] == runs.signature(cfg)
+    assert m["train"]["steps"] == 6 and m["train"]["tokens"] > 0 and m["train"]["tokens_per_s"] > 0
+    assert set(m["eval"]) == set(cfg.data.benchmarks)
+    for result in m["eval"].values():
+        assert 0.0 <= result["rougeL_mean"] <= 100.0 and len(result["rougeL_per_seed"]) == 1
+    assert {"ce", "fkl", "rkl"} <= set(m["valid"]) and m["valid"]["fkl"] >= 0
+    assert (d / "student" / "model.safetensors").exists() and (d / "config.yaml").exists()
+    assert (d / "train_log.jsonl").read_text().count("train/loss") >= 3
+    assert not (d / eng.CKPT_DIR).exists()  # optimizer state dropped once the student is exported
+
+
+def test_finished_cell_is_skipped_and_force_reruns(smoke_cfg, monkeypatch):
+    cfg = smoke_cfg()
+    first = run_cell(cfg)
+
+    def no_training(*a, **k):
+        raise AssertionError("a completed cell must not train again")
+
+    monkeypatch.setattr(eng, "initialize", no_training)
+    assert run_cell(cfg) == json.loads(json.dumps(first))
+    with pytest.raises(AssertionError, match="must not train again"):
+        run_cell(smoke_cfg("force=true"))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_train_like_stage_0(stage, smoke_cfg, tmp_path):
+    ref = run_cell(smoke_cfg("trainer.zero_stage=0", "eval.max_examples=2"))
+    m = run_cell(smoke_cfg(f"trainer.zero_stage={stage}", "eval.max_examples=2", f"paths.root={tmp_path}/z{stage}"))
+    assert m["status"] == "completed"
+    assert m["train"]["final_loss"] == pytest.approx(ref["train"]["final_loss"], rel=1e-4)
+
+
+def test_bf16_cell_runs(smoke_cfg):
+    m = run_cell(smoke_cfg("trainer.precision=bf16", "eval.max_examples=2"))
+    assert m["status"] == "completed" and m["train"]["final_loss"] == m["train"]["final_loss"]  # not NaN
+
+
+def test_gradient_accumulation_is_exact(smoke_cfg, tmp_path):
+    one = run_cell(smoke_cfg("trainer.micro_batch_size=8", "trainer.grad_accum=1", "eval.max_examples=2"))
+    two = run_cell(smoke_cfg("trainer.micro_batch_size=4", "trainer.grad_accum=2", "eval.max_examples=2",
+                             f"paths.root={tmp_path}/acc"))
+    assert two["train"]["final_loss"] == pytest.approx(one["train"]["final_loss"], rel=1e-4)
+    w1, w2 = _weights(Path(one["run_dir"])), _weights(Path(two["run_dir"]))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kill_and_resume_equals_uninterrupted(smoke_cfg, tmp_path, monkeypatch):
+    straight = run_cell(smoke_cfg("eval.max_examples=2", f"paths.root={tmp_path}/straight"))
+
+    real_save = eng.save_checkpoint
+
+    def save_then_die(engine, run_dir, step, client_state, keep):
+        real_save(engine, run_dir, step, client_state, keep)
+        raise RuntimeError(f"killed after checkpoint at step {step}")
+
+    cfg = smoke_cfg("eval.max_examples=2", f"paths.root={tmp_path}/resumed")
+    monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed after checkpoint at step 3"):
+        run_cell(cfg)
+    assert runs.read_metrics(runs.run_dir(cfg))["status"] == "failed"
+    monkeypatch.setattr(eng, "save_checkpoint", real_save)
+    resumed = run_cell(cfg)
+    assert resumed["train"]["resumed_from_step"] == 3
+    assert resumed["train"]["final_loss"] == pytest.approx(straight["train"]["final_loss"], rel=1e-5)
+    w_a, w_b = _weights(Path(straight["run_dir"])), _weights(Path(resumed["run_dir"]))
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_mode_loads_no_teacher(smoke_cfg, monkeypatch):
+    from distill import models
+
+    roles = []
+    real_build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda cfg, role, *a, **k: roles.append(role) or real_build(cfg, role, *a, **k))
+    m = run_cell(smoke_cfg("loss.kd_ratio=0", "eval.max_examples=2"))
+    assert roles == ["student"]
+    assert m["name"].startswith("sft-") and m["cell"]["divergence"] == "sft" and m["cell"]["teacher"] is None
+    assert "fkl" not in m["valid"] and m["valid"]["ce"] > 0
+
+
+def test_wandb_offline_run_holds_the_metrics(smoke_cfg, tmp_path):
+    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
+    m = run_cell(cfg)
+    run_id = f"{m['name']}-{m['signature']}"
+    found = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(found) == 1
+    blob = found[0].read_bytes()
+    assert b"eval/test/rougeL" in blob and b"train/loss" in blob and b"wb" in blob  # metrics + group
+
+
+def test_pretrained_teacher_and_warm_start_from_a_previous_cell(smoke_cfg, tmp_path):
+    teacher = run_cell(smoke_cfg("experiment=[smoke,teacher]", "eval.max_examples=2", f"paths.root={tmp_path}/t"))
+    t_dir = Path(teacher["run_dir"]) / "student"
+    m = run_cell(smoke_cfg(f"model.teacher.path={t_dir}", "model.teacher.allow_random=false",
+                           f"model.student.path={t_dir}", "eval.max_examples=2", "trainer.log_every=1"))
+    assert m["status"] == "completed" and m["cell"]["teacher"] == str(t_dir)
+    # Student == teacher when loaded: the first step's distillation loss is zero.
+    first = json.loads((Path(m["run_dir"]) / "train_log.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["train/kd"] < 1e-6
+
+
+def _env():
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return env
+
+
+def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "distill.train", "experiment=smoke", "tau=0", f"paths.root={tmp_path}"],
+                          capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert "config error: tau=0: the distillation temperature must be a finite number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("*/*/metrics.json"))
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_zero3(tmp_path, data_root):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill.train",
+           "experiment=smoke", "trainer.zero_stage=3", "trainer.micro_batch_size=4", "eval.max_examples=2",
+           f"paths.root={tmp_path}", f"paths.data_dir={data_root}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [metrics_file] = list(tmp_path.glob("adhoc/*/metrics.json"))
+    m = json.loads(metrics_file.read_text())
+    assert m["status"] == "completed" and m["train"]["tokens"] > 0
+    assert (metrics_file.parent / "student" / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory, data_root):
+    """A teacher dir made by the job itself (SFT, a few steps): what distillation cells load."""
+    from tests.conftest import compose
+
+    root = tmp_path_factory.mktemp("teacher")
+    m = run_cell(compose(["experiment=[smoke,teacher]", f"paths.root={root}", f"paths.data_dir={data_root}",
+                          "eval.max_examples=2"]))
+    return Path(m["run_dir"]) / "student"
+
+
+@pytest.mark.parametrize("extra", [["loss.teacher_cache=true"], ["loss.impl=chunked", "loss.chunk_size=7"],
+                                   ["loss.impl=fused", "loss.chunk_size=7"]])
+def test_cached_chunked_and_fused_cells_train_like_the_plain_one(extra, smoke_cfg, tmp_path, trained_teacher):
+    common = [f"model.teacher.path={trained_teacher}", "divergence=jsd", "tau=2", "eval.max_examples=2"]
+    plain = run_cell(smoke_cfg(*common, f"paths.root={tmp_path}/plain"))
+    other = run_cell(smoke_cfg(*common, *extra, f"paths.root={tmp_path}/other"))
+    assert other["train"]["final_loss"] == pytest.approx(plain["train"]["final_loss"], rel=1e-4)
+    w_a, w_b = _weights(Path(plain["run_dir"])), _weights(Path(other["run_dir"]))
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-3, atol=1e-5)
+    if "loss.teacher_cache=true" in extra:
+        assert len(list((tmp_path / "other" / "cache").glob("teacher-*.safetensors"))) == 1
