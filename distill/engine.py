@@ -85,6 +85,8 @@ def deepspeed_config(trainer: Mapping[str, Any], world_size: int) -> dict:
                 "betas": list(trainer["betas"]),
                 "weight_decay": float(trainer["weight_decay"]),
                 "torch_adam": True,  # FusedAdam/CPUAdam would JIT-compile for minutes on CPU
+                # torch's per-tensor Adam loop (its CPU default) was ~25% of a toy step; foreach batches it.
+                "foreach": True,
             },
         },
         "bf16": {"enabled": precision == "bf16"},

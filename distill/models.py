@@ -49,10 +49,11 @@ def toy_config(arch: str, sizes: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     if arch == "gpt2":
         from transformers import GPT2Config
 
-        # No dropout: tiny models on small data, and it keeps resume bit-exact.
+        # No dropout: tiny models on small data, and it keeps resume bit-exact. The tanh GELU as one
+        # torch op: GPT-2's default "gelu_new" is several Python-level ops, slow on CPU.
         return GPT2Config(
             n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=max_length,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_pytorch_tanh", **common,
         )
     if arch == "llama":
         from transformers import LlamaConfig
