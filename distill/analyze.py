@@ -37,7 +37,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import DIVERGENCES, align_vocab, divergence_per_token
+from distill.runs import atomic_write_bytes
 
 DEFAULT_TAUS = (0.5, 1.0, 2.0, 4.0, 8.0)
 COLUMNS = ("objective", "tau", "topk", "n_positions", "n_zero", "share", "share_sq",
@@ -220,20 +220,6 @@ def response_logits(teacher: torch.nn.Module, student: torch.nn.Module,
 
 # ----------------------------------------------------------------------------- outputs
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a sibling temp file then rename: readers never see a half-written file.
-
-    (distill.runs.atomic_write_text does the same for text; the PNG needs bytes.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -306,9 +292,9 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, title:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / name for name in OUTPUT_NAMES]
-    _atomic_write(paths[0], table_csv(rows).encode())
-    _atomic_write(paths[1], table_markdown(rows, title or "Gradient analysis").encode())
-    _atomic_write(paths[2], plot_png(rows, title))
+    atomic_write_bytes(paths[0], table_csv(rows).encode())
+    atomic_write_bytes(paths[1], table_markdown(rows, title or "Gradient analysis").encode())
+    atomic_write_bytes(paths[2], plot_png(rows, title))
     return paths
 
 

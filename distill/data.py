@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -345,12 +344,9 @@ def split_valid(records: Sequence[Record], valid_size: int = 1000) -> tuple[list
 
 def write_jsonl(path: str | Path, records: Iterable[Record]) -> None:
     """Write records in the MiniLLM schema, atomically (tmp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    from distill.runs import atomic_write_text
+
+    atomic_write_text(Path(path), "".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import statistics
 import string
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 
 from distill.data import Record, encode_prompts_left, render_prompt
 from distill.losses import kl_at_tau1
+from distill.runs import atomic_write_text
 
 IGNORE_INDEX = -100  # label value of positions that are not scored (prompt, padding)
 
@@ -196,19 +195,6 @@ def generate(
 # Benchmarks (generation + scoring + files)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _checked_eval_cfg(eval_cfg: Mapping) -> dict:
     missing = [k for k in EVAL_CFG_KEYS if k not in eval_cfg]
     if missing:
@@ -282,8 +268,8 @@ def evaluate_benchmarks(
         if out_dir is not None:
             if cfg["write_generations"]:
                 jsonl = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-                _write_atomic(out_dir / f"{name}.generations.jsonl", jsonl)
-            _write_atomic(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
+                atomic_write_text(out_dir / f"{name}.generations.jsonl", jsonl)
+            atomic_write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
         results[name] = summary
     return results
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from rouge_score import rouge_scorer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -10,7 +10,6 @@
 """
 
 import itertools
-import json
 import os
 import signal
 import subprocess
