@@ -215,10 +215,10 @@ def test_smoke_sweep_selects_smoke_experiment(compose_train):
     assert cfg.trainer.max_steps == smoke.trainer.max_steps
 
 
-def test_callback_snippet_composes_with_root_config(compose_train):
-    cfg = compose_train(["+hydra.callbacks.report._target_=distill.callbacks.ReportCallback"])
-    cb = instantiate(cfg.hydra.callbacks.report)
-    assert type(cb).__name__ == "ReportCallback"
+def test_root_config_wires_the_report_and_preemption_callbacks(compose_train):
+    cfg = compose_train([])
+    assert type(instantiate(cfg.hydra.callbacks.report)).__name__ == "ReportCallback"
+    assert type(instantiate(cfg.hydra.callbacks.preemption)).__name__ == "PreemptionCallback"
 
 
 # ----------------------------------------------------------------------------- report callback
