@@ -75,9 +75,10 @@ def batch_loss(cfg: DictConfig, student_logits: torch.Tensor, teacher_logits: to
 
     mask = response_mask(labels)
     s = student_logits[:, :-1]
-    ce = F.cross_entropy(s.reshape(-1, s.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                         ignore_index=-100, reduction="sum") / num_tokens
     kd_ratio = float(cfg.loss.kd_ratio)
+    # CE on the response rows only; at kd_ratio=1 it is only logged, so it gets no graph either.
+    with torch.set_grad_enabled(kd_ratio < 1.0 and torch.is_grad_enabled()):
+        ce = F.cross_entropy(s[mask].float(), labels[:, 1:][mask], reduction="sum") / num_tokens
     if kd_ratio == 0.0:
         return ce, {"ce": ce.item()}
     kd_fn = loss_fn_for(cfg.loss.impl, chunk_size=int(cfg.loss.chunk_size))
