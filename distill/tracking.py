@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,6 +49,7 @@ class Tracker:
             raise ValueError(f"logger.mode={mode!r} is not one of {_MODES}")
         import wandb
 
+        _use_own_wandb_service()
         wandb_dir = Path(logger_cfg.get("dir") or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
@@ -102,6 +104,19 @@ class Tracker:
     def run_path(self) -> str | None:
         """Where W&B put this run's files (for `wandb sync`)."""
         return None if self.run is None else os.path.dirname(self.run.dir)
+
+
+def _use_own_wandb_service() -> None:
+    """Drop a WANDB_SERVICE inherited from another process (the submitting shell, a notebook, pytest).
+
+    A requeued cell must not attach to its submitter's W&B service: the killed attempt's run stream
+    can stay open there, and the resumed run then fails with "run ID ... is in use". The token
+    names the process that started the service ("<version>-<pid>-..."); only our own is kept.
+    """
+    match = re.match(r"^[^-]+-(\d+)-", os.environ.get("WANDB_SERVICE", ""))
+    if match and int(match.group(1)) != os.getpid():
+        log.info("ignoring W&B service of process %s: this cell starts its own", match.group(1))
+        del os.environ["WANDB_SERVICE"]
 
 
 def _scalar(value: Any) -> Any:

@@ -1,4 +1,5 @@
 import json
+import os
 
 from distill.tracking import LOG_FILE, Tracker
 
@@ -49,3 +50,14 @@ def test_a_dead_wandb_service_never_fails_the_cell(tmp_path, caplog):
     assert t.run is None and "wandb stopped logging" in caplog.text
     t.log({"train/loss": 0.5}, step=2)  # the local log goes on
     assert (tmp_path / LOG_FILE).read_text().count("train/loss") == 2
+
+
+def test_a_cell_never_attaches_to_another_process_wandb_service(tmp_path, monkeypatch):
+    # A SLURM job inherits its submitter's environment; a killed attempt's stream could stay open there.
+    monkeypatch.setenv("WANDB_SERVICE", "3-999999-unix-/tmp/no-such-socket")
+    cfg = {"name": "wandb", "project": "distill-test", "mode": "offline", "dir": str(tmp_path)}
+    t = Tracker(cfg, run_id="svc-abc", name="svc", group="g", tags=[], config={}, run_dir=tmp_path / "cell")
+    t.log({"train/loss": 1.0}, step=1)
+    t.finish()
+    assert not os.environ.get("WANDB_SERVICE", "").startswith("3-999999-")
+    assert list((tmp_path / "wandb").glob("offline-run-*-svc-abc/run-svc-abc.wandb"))
