@@ -56,7 +56,9 @@ def job_env(out: Path, **extra: str) -> dict:
 def sacct_states(job: str, duplicates: bool = False) -> list[tuple[str, str]]:
     args = ["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State"] + (["-D"] if duplicates else [])
     proc = subprocess.run(args, capture_output=True, text=True, timeout=30)
-    return [tuple(line.split("|")[:2]) for line in proc.stdout.split()]
+    # One line per job record; a state may carry words ("CANCELLED by 0"): keep its first word.
+    return [(job_id, state.split()[0] if state.split() else state)
+            for job_id, state, *_ in (line.split("|") for line in proc.stdout.splitlines() if "|" in line)]
 
 
 def read_metrics(cell_dir: Path) -> dict:

@@ -123,6 +123,11 @@ def test_wandb_offline_run_holds_the_metrics(smoke_cfg, tmp_path):
     cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
     m = run_cell(cfg)
     run_id = f"{m['name']}-{m['signature']}"
+    import wandb
+
+    # In a process that already hosts a W&B service (earlier in-process runs of the suite), the
+    # service may still be writing the finished run's records; teardown waits until they are on disk.
+    wandb.teardown()
     found = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(found) == 1
     blob = found[0].read_bytes()
