@@ -12,6 +12,7 @@ Side effects (files, W&B, progress bar) happen on rank 0 only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,8 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from distill import data as data_mod
 from distill import engine as eng
-from distill import runs
+from distill import evaluate, models, runs
+from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError, validate
 from distill.tracking import Tracker
 
@@ -37,8 +40,13 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --------------------------------------------------------------------------------------------- data
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, epoch: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micro_bs: int, grad_accum: int,
-                   seed: int, _perms: dict[int, torch.Tensor] = {}) -> list[int]:  # noqa: B006 (memo)
+                   seed: int) -> list[int]:
     """Indices of the examples in (step, micro-batch, rank): a pure function of its arguments.
 
     The stream is a fresh permutation per epoch, seeded by (seed, epoch); resuming at step k therefore
@@ -49,10 +57,7 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
     out = []
     for g in range(start, start + micro_bs):
         epoch, pos = divmod(g, n)
-        key = (seed, n, epoch)
-        if key not in _perms:
-            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(_perms[key][pos]))
+        out.append(int(_epoch_permutation(n, epoch, seed)[pos]))
     return out
 
 
@@ -71,8 +76,6 @@ def _kd_kwargs(cfg: DictConfig, num_tokens: float) -> dict[str, Any]:
 def batch_loss(cfg: DictConfig, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                labels: torch.Tensor, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
     """kd_ratio x distillation + (1 - kd_ratio) x CE, each a masked sum over `num_tokens` global tokens."""
-    from distill.chunked_losses import loss_fn_for
-
     mask = response_mask(labels)
     s = student_logits[:, :-1]
     kd_ratio = float(cfg.loss.kd_ratio)
@@ -88,8 +91,6 @@ def batch_loss(cfg: DictConfig, student_logits: torch.Tensor, teacher_logits: to
 
 def fused_batch_loss(cfg: DictConfig, engine, teacher, batch: dict, num_tokens: float):
     """The distillation loss from last hidden states and output weights: full logits never exist."""
-    from distill.chunked_losses import fused_distillation_loss
-
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     # logits_to_keep=1: the model computes logits for the last position only; we need its hidden states.
     s_hidden = engine(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
@@ -117,10 +118,8 @@ def validate_model(student, teacher, val_batches: list[dict], device, rank: int,
 
     Every rank runs the same number of forwards (ZeRO-3 forwards are collective).
     """
-    from distill.evaluate import teacher_forced_metrics
-
     shard = [{k: v.to(device) for k, v in b.items()} for b in val_batches[rank::world]]
-    m = teacher_forced_metrics(student, shard, teacher=teacher, allow_empty=True)
+    m = evaluate.teacher_forced_metrics(student, shard, teacher=teacher, allow_empty=True)
     keys = [k for k in ("ce", "fkl", "rkl") if k in m]
     sums = _all_reduce_sum([m[k] * m["tokens"] for k in keys] + [m["tokens"]], device)
     total = max(sums[-1], 1.0)
@@ -148,9 +147,6 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- the cell
 def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate one cell; return its metrics dict (also written to `<run_dir>/metrics.json`)."""
-    from distill import data as data_mod
-    from distill import evaluate, models
-
     validate(cfg)
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
@@ -181,7 +177,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     )
     exit_code = 1
     try:
-        metrics = _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_mod, evaluate, models)
+        metrics = _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir)
         exit_code = 0
         return metrics
     except Exception as exc:
@@ -193,7 +189,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish(exit_code)
 
 
-def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir, data_mod, evaluate, models):
+def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir):
     tcfg = cfg.trainer
     if rank == 0:
         runs.atomic_write_json(rdir / runs.METRICS_FILE, {**metrics, "updated_at": runs.now_iso()})
