@@ -41,18 +41,22 @@ def smoke_cfg(tmp_path, data_root):
     return make
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    """A byte-level BPE trained in a blink on a few lines, with distinct eos and pad tokens."""
+def byte_bpe_tokenizer(corpus: list[str], vocab_size: int, special_tokens: list[str], eos: str, pad: str):
+    """A byte-level BPE trained in a blink on `corpus`, wrapped as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|pad|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["the cat sat on the mat", "Instruction: add 12 and 30.", "Response: 42"] * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Distinct eos and pad tokens, trained on a few instruction-like lines."""
+    return byte_bpe_tokenizer(["the cat sat on the mat", "Instruction: add 12 and 30.", "Response: 42"] * 5,
+                              300, ["<|pad|>", "<|endoftext|>"], eos="<|endoftext|>", pad="<|pad|>")

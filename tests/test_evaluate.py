@@ -9,8 +9,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from rouge_score import rouge_scorer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from tests.conftest import byte_bpe_tokenizer
 
 from distill.data import Record, encode_prompts_left, render_prompt
 from distill.evaluate import (
@@ -93,22 +94,13 @@ def test_exact_match_normalises_case_punctuation_whitespace():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     corpus = [
         "the quick brown fox jumps over the lazy dog",
         "hello world, how are you today my friend",
         "name a colour: red, green, blue",
         "### Instruction: ### Input: ### Response:",
     ]
-    tok.train_from_iterator(corpus * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
+    return byte_bpe_tokenizer(corpus * 20, 320, ["<|endoftext|>", "<pad>"], eos="<|endoftext|>", pad="<pad>")
 
 
 def make_model(tokenizer, seed=0, logit_bias=None):
