@@ -12,7 +12,6 @@ Side effects (files, W&B, progress bar) happen on rank 0 only.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -40,13 +39,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --------------------------------------------------------------------------------------------- data
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n: int, epoch: int, seed: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
 def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micro_bs: int, grad_accum: int,
-                   seed: int) -> list[int]:
+                   seed: int, _perms: dict[int, torch.Tensor] = {}) -> list[int]:  # noqa: B006 (memo)
     """Indices of the examples in (step, micro-batch, rank): a pure function of its arguments.
 
     The stream is a fresh permutation per epoch, seeded by (seed, epoch); resuming at step k therefore
@@ -57,7 +51,13 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
     out = []
     for g in range(start, start + micro_bs):
         epoch, pos = divmod(g, n)
-        out.append(int(_epoch_permutation(n, epoch, seed)[pos]))
+        # The memo lives in a default argument, not a module global or an lru_cache: `python -m
+        # distill.train` cells are pickled by value by submitit, and a module-level helper of
+        # __main__ cannot be found again in the child process.
+        key = (seed, n, epoch)
+        if key not in _perms:
+            _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(_perms[key][pos]))
     return out
 
 
