@@ -314,10 +314,16 @@ def constructed_sweep(root):
     return scores
 
 
-def test_sft_baseline_fills_every_tau_and_every_objective_is_compared_with_it(tmp_path):
+@pytest.fixture
+def constructed(tmp_path):
+    """The constructed sweep's scores, its report.csv rows and its report.md."""
     scores = constructed_sweep(tmp_path)
     report.build_report(tmp_path)
-    rows = read_csv(tmp_path / "report.csv")
+    return scores, read_csv(tmp_path / "report.csv"), (tmp_path / "report.md").read_text()
+
+
+def test_sft_baseline_fills_every_tau_and_every_objective_is_compared_with_it(constructed):
+    scores, rows, md = constructed
     # kd_ratio/teacher differ only because SFT is SFT: the rows stay 'fkl', 'rkl', 'sft'
     assert {k[1] for k in rows if rows[k]["comparison"] == ""} == {"sft", "fkl", "rkl"}
     for tau in (1.0, 2.0):
@@ -331,15 +337,12 @@ def test_sft_baseline_fills_every_tau_and_every_objective_is_compared_with_it(tm
             assert float(r["p_value"]) == pytest.approx(stats.ttest_rel(scores[(div, tau)], BASE).pvalue, abs=1e-4)
             assert r["verdict"] == f"{div} ahead, 95% CI excludes 0 (paired t, n=5)"
             assert float(r["boot_low"]) < d.mean() < float(r["boot_high"])   # n = 5: bootstrap beside it
-    md = (tmp_path / "report.md").read_text()
     assert "| sft | 30.0 ± 0.8 (n=5) | 30.0 ± 0.8 (n=5) |" in md
     assert "95% CI (bootstrap)" in md and "fkl − sft (objective − SFT)" in md
 
 
-def test_verdicts_and_seeds_needed_for_constructed_differences(tmp_path):
-    scores = constructed_sweep(tmp_path)
-    report.build_report(tmp_path)
-    rows = read_csv(tmp_path / "report.csv")
+def test_verdicts_and_seeds_needed_for_constructed_differences(constructed):
+    scores, rows, md = constructed
     # tau 1: rkl ahead of fkl by ~4, resolved; it is also the best - second comparison there
     r1 = rows[("test", "fkl-rkl", 1.0)]
     assert r1["verdict"] == "rkl ahead, 95% CI excludes 0 (paired t, n=5)" and r1["seeds_needed"] == ""
@@ -355,22 +358,18 @@ def test_verdicts_and_seeds_needed_for_constructed_differences(tmp_path):
     need = int(r2["seeds_needed"])
     effect = abs(d.mean()) / d.std(ddof=1)
     assert need > 5 and paired_t_power(effect, need - 1) < 0.8 <= paired_t_power(effect, need)
-    md = (tmp_path / "report.md").read_text()
     assert f"~{need} training seeds" in md
     assert "At τ=1 RKL leads FKL by" in md and "excludes 0 (paired t, n=5)" in md
 
 
-def test_eval_and_training_seed_spread_apart(tmp_path):
-    scores = constructed_sweep(tmp_path)
-    report.build_report(tmp_path)
-    rows = read_csv(tmp_path / "report.csv")
+def test_eval_and_training_seed_spread_apart(constructed):
+    scores, rows, md = constructed
     r = rows[("test", "fkl", 1.0)]
     train_sd = scores[("fkl", 1.0)].std(ddof=1)
     assert float(r["rougeL_std"]) == pytest.approx(train_sd, abs=1e-4)
     assert float(r["eval_seed_std"]) == pytest.approx(np.std([-0.2, 0.2], ddof=1), abs=1e-4)
     assert float(r["n_eval_seeds"]) == 2
     assert float(r["eval_share"]) == pytest.approx((0.08 / 2) / train_sd**2, abs=1e-4)
-    md = (tmp_path / "report.md").read_text()
     assert "**training seeds dominate**" in md
 
 
