@@ -44,6 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from distill.config import CONF_DIR
+from distill.data import response_mask
 from distill.losses import DIVERGENCES, align_vocab, divergence_per_token
 from distill.runs import atomic_write_bytes
 
@@ -53,7 +55,6 @@ COLUMNS = ("objective", "tau", "topk", "n_positions", "n_zero", "share", "share_
 OUTPUT_NAMES = ("grad_analysis.csv", "grad_analysis.md", "grad_analysis.png")
 # tau * G is on the scale of a probability difference (FKL: q - p); below this it is rounding noise.
 ZERO_GRAD = 1e-6
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -204,7 +205,7 @@ def response_logits(teacher: torch.nn.Module, student: torch.nn.Module,
         ids = batch["input_ids"].to(device)
         mask = batch.get("attention_mask")
         mask = mask.to(device) if mask is not None else torch.ones_like(ids)
-        keep = batch["labels"].to(device)[:, 1:] != -100  # positions whose next token is a response token
+        keep = response_mask(batch["labels"].to(device))
         s = student(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
         t = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
         s_out.append(s.float().cpu())
@@ -445,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _use_demo(args: argparse.Namespace) -> None:
     """Fill in the teacher, student, data and template of `distill-demo --root ROOT`."""
-    from distill.demo import compose, prep_model_dirs
+    from distill.config import compose
+    from distill.demo import prep_model_dirs
 
     root = Path(args.demo).resolve()
     dirs = prep_model_dirs(root)

@@ -39,7 +39,7 @@ from distill.losses import (
 
 __all__ = ["IMPLS", "chunked_distillation_loss", "fused_distillation_loss", "loss_fn_for"]
 
-IMPLS = ("plain", "chunked")
+IMPLS = ("plain", "chunked", "fused")  # loss.impl values; "fused" takes hidden states, not logits
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -258,5 +258,5 @@ def loss_fn_for(impl: str, *, chunk_size: int = 1024) -> Callable[..., Tensor]:
         raise ValueError("impl 'fused' takes hidden states and output weights, not logits: call "
                          "fused_distillation_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, "
                          "mask, ...) instead")
-    raise ValueError(f"unknown loss impl {impl!r}; allowed: {', '.join(IMPLS)} (and 'fused' via "
+    raise ValueError(f"unknown loss impl {impl!r}; allowed: {', '.join(IMPLS)} ('fused' via "
                      "fused_distillation_loss)")

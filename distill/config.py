@@ -1,22 +1,39 @@
-"""Checks on a composed job config, before any work starts: every problem found, one line each."""
+"""The job's config: where it lives (`CONF_DIR`), composing it (`compose`), and the checks run on it before any
+work starts (`validate`: every problem found, one line each).
+
+The allowed values of each option live with the code that implements it (losses, engine, models); the checks
+here read them from there.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+
+from distill.chunked_losses import IMPLS
+from distill.engine import ZERO_STAGES
+from distill.losses import DIVERGENCES, TAU_TARGETS, divergence_per_token
+from distill.models import PRECISIONS
+
+# conf/ sits next to the package (editable install): an absolute path works however the app is started.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem, one per line."""
 
 
-_STAGES = (0, 1, 2, 3)
-_PRECISIONS = ("fp32", "bf16", "fp16")
-_IMPLS = ("plain", "chunked", "fused")
-_TAU_TARGETS = ("both", "teacher")
+def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
+    """The config `distill-train` composes from `overrides` (Hydra's compose API), without running anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def _looks_local(path: str) -> bool:
@@ -26,17 +43,15 @@ def _looks_local(path: str) -> bool:
 
 def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     """Every reason `cfg` cannot run, as readable one-liners (empty when fine)."""
-    from distill.losses import DIVERGENCES
-
     out: list[str] = []
     tau = cfg.get("tau")
     if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
         out.append(f"tau={tau!r}: the distillation temperature must be a finite number > 0 (e.g. tau=2)")
     t = cfg.trainer
-    if t.zero_stage not in _STAGES:
-        out.append(f"trainer.zero_stage={t.zero_stage!r}: must be one of {list(_STAGES)}")
-    if t.precision not in _PRECISIONS:
-        out.append(f"trainer.precision={t.precision!r}: must be one of {list(_PRECISIONS)}")
+    if t.zero_stage not in ZERO_STAGES:
+        out.append(f"trainer.zero_stage={t.zero_stage!r}: must be one of {list(ZERO_STAGES)}")
+    if t.precision not in PRECISIONS:
+        out.append(f"trainer.precision={t.precision!r}: must be one of {list(PRECISIONS)}")
     elif t.precision == "fp16" and not torch.cuda.is_available():
         out.append("trainer.precision=fp16 does not work with DeepSpeed on CPU: use bf16 or fp32")
     for key in ("micro_batch_size", "grad_accum", "max_steps"):
@@ -52,10 +67,10 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     loss = cfg.loss
     if not 0.0 <= float(loss.kd_ratio) <= 1.0:
         out.append(f"loss.kd_ratio={loss.kd_ratio}: must be in [0, 1] (0 = SFT, 1 = pure distillation)")
-    if loss.tau_target not in _TAU_TARGETS:
-        out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(_TAU_TARGETS)}")
-    if loss.impl not in _IMPLS:
-        out.append(f"loss.impl={loss.impl!r}: must be one of {list(_IMPLS)}")
+    if loss.tau_target not in TAU_TARGETS:
+        out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(TAU_TARGETS)}")
+    if loss.impl not in IMPLS:
+        out.append(f"loss.impl={loss.impl!r}: must be one of {list(IMPLS)}")
     if loss.impl == "fused":
         if float(loss.kd_ratio) != 1.0:
             out.append(f"loss.impl=fused computes only the distillation term: use loss.kd_ratio=1 (got {loss.kd_ratio})")
@@ -86,8 +101,6 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
 
 def _divergence_param_problems(cfg: DictConfig) -> list[str]:
     """Let the loss core judge the divergence's parameters on a tiny input: one source of truth."""
-    from distill.losses import divergence_per_token
-
     params = {k: v for k, v in cfg.divergence.items() if k != "name"}
     try:
         divergence_per_token(cfg.divergence.name, torch.zeros(1, 3), torch.zeros(1, 3), tau=float(cfg.tau), **params)

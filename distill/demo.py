@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from distill import runs
-from distill.train import CONF_DIR
+from distill.config import compose
 
 # Scale presets: experiment presets put under every stage's own, overrides for every stage, and the
 # sweep grid (command-line sweeps take precedence over the sweep file's).
@@ -38,15 +38,6 @@ SCALES = {
 def experiments(*names: str) -> str:
     """`experiment=[a,b,...]`: Hydra merges the presets left to right."""
     return f"experiment=[{','.join(names)}]"
-
-
-def compose(overrides: list[str]):
-    """The config `distill-train` would compose from `overrides` (to find a stage's run dir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
 
 
 def prep_overrides(root: Path, scale: str = "full") -> dict[str, list[str]]:

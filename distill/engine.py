@@ -7,20 +7,24 @@ The job runs the same way as one plain process, under torchrun, and as N tasks u
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
-import math
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
+from distill.runs import atomic_path
+
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
+ZERO_STAGES = (0, 1, 2, 3)  # trainer.zero_stage values
 
 
 def _free_port() -> int:
@@ -101,27 +105,37 @@ def deepspeed_config(trainer: Mapping[str, Any], world_size: int) -> dict:
     return cfg
 
 
-def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
-    """Linear warmup to the peak, then cosine down to `min_lr_ratio` x peak at `max_steps`."""
+def lr_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak, then cosine down to `min_lr_ratio` x peak at `max_steps`: transformers' curve
+    (`get_cosine_with_min_lr_schedule_with_warmup`), read one step ahead during the warmup.
 
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    transformers' warmup trains its first step at lr 0 (factor step / warmup); ours trains it at peak / warmup
+    and reaches the peak on the last warmup step, so no step is spent at lr 0 (with warmup_steps=1, the
+    smoke preset's, none would be trained at all). After the warmup both are the same curve.
+    """
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    return factor
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only to obtain the curve
+    curve = get_cosine_with_min_lr_schedule_with_warmup(
+        probe, num_warmup_steps=warmup_steps, num_training_steps=max_steps, min_lr_rate=min_lr_ratio).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(_warmup_one_step_ahead, curve=curve, warmup_steps=warmup_steps))
+
+
+def _warmup_one_step_ahead(step: int, *, curve: Callable[[int], float], warmup_steps: int) -> float:
+    return curve(step + 1 if step < warmup_steps else step)
 
 
 def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: int):
-    """`deepspeed.initialize` the student with its optimizer and warmup+cosine schedule."""
+    """`deepspeed.initialize` the student with its optimizer and warmup+cosine schedule (`lr_schedule`)."""
     import deepspeed
 
-    schedule = lr_lambda(int(trainer["warmup_steps"]), int(trainer["max_steps"]), float(trainer["min_lr_ratio"]))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        lr_scheduler=lambda opt: lr_schedule(opt, int(trainer["warmup_steps"]), int(trainer["max_steps"]),
+                                             float(trainer["min_lr_ratio"])),
         config=deepspeed_config(trainer, world_size),
     )
     return engine
@@ -160,12 +174,8 @@ def export_hf(engine, tokenizer, out_dir: Path, rank: int) -> None:
     zero3 = engine.zero_optimization_stage() == 3
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
         if rank == 0:
-            out_dir = Path(out_dir)
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
             state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.replace(tmp, out_dir)
+            with atomic_path(out_dir) as tmp:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
     dist.barrier()

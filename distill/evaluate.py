@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
-from distill.data import Record, encode_prompts_left, render_prompt
+from distill.data import IGNORE_INDEX, Record, encode_prompts_left, render_prompt, response_mask
 from distill.losses import kl_at_tau1
 from distill.runs import atomic_write_text
 
-IGNORE_INDEX = -100  # label value of positions that are not scored (prompt, padding)
 
 EVAL_CFG_KEYS = (
     "seeds", "batch_size", "max_examples", "do_sample", "top_k", "top_p", "temperature",
@@ -302,10 +301,8 @@ def teacher_forced_metrics(student, batches: Iterable[dict], teacher=None, allow
                 if missing:
                     raise ValueError(f"batch lacks {missing}; need input_ids, attention_mask and labels")
                 inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                if "position_ids" in batch:
-                    inputs["position_ids"] = batch["position_ids"].to(device)
-                targets = batch["labels"].to(device)[:, 1:]
-                mask = targets != IGNORE_INDEX
+                labels = batch["labels"].to(device)
+                targets, mask = labels[:, 1:], response_mask(labels)
                 # forward even when nothing is scored: ZeRO-3 forwards are collective across ranks
                 s_logits = student(**inputs, use_cache=False).logits[:, :-1]
                 # float32: bf16 log-softmax sums drift visibly over many tokens

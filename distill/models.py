@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(_DTYPES)  # trainer.precision / model.dtype values (fp16: GPU only)
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -34,7 +34,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -42,8 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from distill import stats
-
-SCHEMA_VERSION = 1
+from distill.runs import SCHEMA_VERSION, atomic_write_bytes, atomic_write_text, cell_identity
 FINISHED = "completed"
 # status of a cell as the report sees it: the three metrics.json states plus what the
 # report itself can find wrong with a cell dir.
@@ -719,31 +717,13 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
                    bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(plot_caption(summary, sweep), fontsize=11 if ncol > 1 else 9.5)
     fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 0.98))
-    with _atomic(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=130)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=130)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 # ----------------------------------------------------------------------------- I/O edges
-
-class _atomic:
-    """Write to a temp file in the same dir, then os.replace it into place."""
-
-    def __init__(self, path: Path, mode: str = "w"):
-        self.path, self.mode = Path(path), mode
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.f = os.fdopen(fd, self.mode, **({} if "b" in self.mode else {"encoding": "utf-8", "newline": ""}))
-        return self.f
-
-    def __exit__(self, exc_type, *_):
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
-
 
 def write_report(cells: list[Cell], out_dir: str | os.PathLike, sweep: str | None = None) -> dict[str, Path]:
     """Write report.md/.csv/.png for these cells into out_dir; return the paths."""
@@ -753,10 +733,8 @@ def write_report(cells: list[Cell], out_dir: str | os.PathLike, sweep: str | Non
         sweep = names.pop() if len(names) == 1 else out.resolve().name
     summary = summarize(cells)
     paths = {name: out / name for name in REPORT_FILES}
-    with _atomic(paths["report.md"]) as f:
-        f.write(render_markdown(summary, sweep))
-    with _atomic(paths["report.csv"]) as f:
-        f.write(render_csv(summary))
+    atomic_write_text(paths["report.md"], render_markdown(summary, sweep))
+    atomic_write_text(paths["report.csv"], render_csv(summary))
     render_png(summary, sweep, paths["report.png"])
     return paths
 
@@ -801,14 +779,9 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
     flattened final summary `eval.<benchmark>.rougeL_mean` (+ `_std`, ...) and `valid.<ce|fkl|rkl>`;
     nested keys and `/` separators are accepted too.
     """
-    config = _unflatten(config)
-    div = dict(config.get("divergence") or {})
-    loss = config.get("loss") or {}
-    kd_ratio = loss.get("kd_ratio", 1.0)
-    cell = {"divergence": div.pop("name", None) if kd_ratio else "sft", "divergence_params": div,
-            "tau": config.get("tau"), "seed": config.get("seed"), "tau_target": loss.get("tau_target"),
-            "tau_squared": loss.get("tau_squared"), "kd_ratio": kd_ratio,
-            "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name")}
+    # The run id is the job's `<name>-<signature>` (distill.tracking); the cell block is the job's own.
+    sig = run_id.rsplit("-", 1)[-1] if CELL_DIR_RE.match(run_id) else None
+    cell = cell_identity(_unflatten(config), sig)
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
     for k, v in summary.items():

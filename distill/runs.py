@@ -12,7 +12,10 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -78,6 +81,36 @@ def signature(cfg: DictConfig | Mapping, length: int = 8) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
 
 
+def _or_none(convert, value):
+    return None if value is None else convert(value)
+
+
+def cell_identity(cfg: DictConfig | Mapping, sig: str | None) -> dict[str, Any]:
+    """The 'cell' block of metrics.json: what a report groups and compares on.
+
+    From the job's config, or from a W&B run's config (nested again after W&B's flat keys): the report reads
+    cells from either source through this one function. A key the config lacks gives None.
+    """
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    div, loss = dict(c.get("divergence") or {}), c.get("loss") or {}
+    model, kd_ratio = c.get("model") or {}, loss.get("kd_ratio", 1.0)
+    name = div.pop("name", None)
+    return {
+        "divergence": name if kd_ratio > 0 else "sft",
+        "divergence_params": div,
+        "tau": _or_none(float, c.get("tau")),
+        "tau_target": loss.get("tau_target"),
+        "tau_squared": _or_none(bool, loss.get("tau_squared")),
+        "kd_ratio": float(kd_ratio),
+        "seed": _or_none(int, c.get("seed")),
+        "model": model.get("name"),
+        "teacher": (model.get("teacher") or {}).get("path") if kd_ratio > 0 else None,
+        "student": (model.get("student") or {}).get("path") or f"{model.get('arch', 'hf')}-init",
+        "dataset": (c.get("data") or {}).get("name"),
+        "signature": sig,
+    }
+
+
 def _fmt_number(x: float) -> str:
     return f"{float(x):g}".replace("-", "m")
 
@@ -100,20 +133,34 @@ def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.sweep_dir) / f"{cell_name(cfg)}-{signature(cfg)}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same dir + os.replace: readers never see half a file."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temp name next to `path` for a writer that takes a path (one file, or a whole dir it creates).
+
+    When the block succeeds the temp file or dir is renamed onto `path` (an old dir there is removed first);
+    when it fails the temp is removed and `path` is untouched. Readers never see half a result.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if tmp.is_dir() and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same dir + os.replace: readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:

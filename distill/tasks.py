@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,6 +31,7 @@ from typing import Any
 from filelock import FileLock
 
 from distill.data import Record, render_prompt
+from distill.runs import atomic_path
 
 # Bump when the generator or tokenizer recipe changes: it is part of the cache dir name.
 CODE_VERSION = 1
@@ -546,13 +544,7 @@ def prepare_embedded(data_cfg: Mapping[str, Any], data_root: Path) -> Path:
     with FileLock(str(final) + ".lock"):
         if is_complete(final):  # another process finished it while we waited
             return final
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=data_root))
-        try:
+        with atomic_path(final) as tmp:  # an incomplete leftover (e.g. deleted files) is replaced
+            tmp.mkdir()
             _build(tmp, final.name, params, vocab_size)
-            if final.exists():  # an incomplete leftover (e.g. deleted files): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return final

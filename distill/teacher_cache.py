@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+
+from distill.data import response_mask
+from distill.runs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ def cache_key(teacher_path: str | Path, examples: Sequence[dict], dtype: torch.d
 def response_positions(labels: torch.Tensor) -> torch.Tensor:
     """Bool [B, T]: position t is scored when labels[t+1] is a response token (the last position never is)."""
     mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
+    mask[:, :-1] = response_mask(labels)
     return mask
 
 
@@ -133,9 +135,8 @@ class TeacherCache:
                 log.info("teacher cache: computing %s (%d examples)", path.name, len(examples))
                 tensors = compute(teacher, examples, pad_id=pad_id, batch_size=batch_size, topk=topk,
                                   device=device, progress=progress)
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-                save_file(tensors, str(tmp), metadata={"key": key, "vocab_size": str(vocab), "topk": str(topk)})
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    save_file(tensors, str(tmp), metadata={"key": key, "vocab_size": str(vocab), "topk": str(topk)})
             else:
                 log.info("teacher cache: reusing %s", path.name)
         tensors = load_file(str(path))  # safetensors: weights only, nothing executed

@@ -85,25 +85,29 @@ class Tracker:
     def _safely(self, call) -> None:
         # Tracking must never fail a cell: on SLURM preemption every process of the job gets the
         # signal, W&B's service included, and the next log raises. Keep the local log; drop W&B.
+        # Only what a lost or refusing service raises is caught: a bug in our call still fails loudly.
         try:
             call()
-        except Exception as exc:
+        except _tracking_errors() as exc:
             log.warning("wandb stopped logging for this attempt (%s); the local log goes on", exc)
             self.run = None
 
     def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run; always called from a `finally` so the next cell gets a fresh run."""
+        """Close the W&B run; always called on the way out (success or failure) so the next cell gets a fresh run."""
         if self.run is not None:
             try:
                 self.run.finish(exit_code=exit_code)
-            except Exception as exc:  # a tracking failure must not mask the training result
+            except _tracking_errors() as exc:  # a tracking failure must not mask the training result
                 log.warning("wandb finish failed: %s", exc)
             self.run = None
 
-    @property
-    def run_path(self) -> str | None:
-        """Where W&B put this run's files (for `wandb sync`)."""
-        return None if self.run is None else os.path.dirname(self.run.dir)
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """What a W&B call raises when its service is gone or refuses: W&B's own errors, and OS errors (broken
+    pipe, connection reset, a full disk under the offline run dir)."""
+    from wandb.errors import Error as WandbError
+
+    return (WandbError, OSError)
 
 
 def _use_own_wandb_service() -> None:

@@ -39,14 +39,14 @@ from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, models, runs
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
-from distill.config import ConfigError
+from distill.config import CONF_DIR, ConfigError
 from distill.config import validate as check_config
+from distill.data import response_mask
+from distill.splits import DataSplits, load_data
 from distill.teacher_cache import TeacherCache
 from distill.tracking import Tracker
 
 log = logging.getLogger("distill.train")
-# conf/ sits next to the package (editable install): an absolute path works however the app is started.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -73,11 +73,6 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
 
 
 # --------------------------------------------------------------------------------------------- loss
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions t whose next token labels[t+1] is a response token (logits[t] predicts labels[t+1])."""
-    return labels[:, 1:] != -100
-
-
 def _kd_kwargs(cfg: DictConfig, num_tokens: float) -> dict[str, Any]:
     params = {k: v for k, v in cfg.divergence.items() if k != "name"}
     return dict(divergence=cfg.divergence.name, tau=float(cfg.tau), tau_target=cfg.loss.tau_target,
@@ -137,24 +132,6 @@ def validate_model(student, teacher, val_batches: list[dict], device, rank: int,
     return {k: s / total for k, s in zip(keys, sums[:-1])}
 
 
-def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
-    """The 'cell' block of metrics.json: what a report groups and compares on."""
-    return {
-        "divergence": cfg.divergence.name if cfg.loss.kd_ratio > 0 else "sft",
-        "divergence_params": {k: v for k, v in OmegaConf.to_container(cfg.divergence).items() if k != "name"},
-        "tau": float(cfg.tau),
-        "tau_target": cfg.loss.tau_target,
-        "tau_squared": bool(cfg.loss.tau_squared),
-        "kd_ratio": float(cfg.loss.kd_ratio),
-        "seed": int(cfg.seed),
-        "model": cfg.model.name,
-        "teacher": cfg.model.teacher.get("path") if cfg.loss.kd_ratio > 0 else None,
-        "student": cfg.model.student.get("path") or f"{cfg.model.get('arch', 'hf')}-init",
-        "dataset": cfg.data.name,
-        "signature": sig,
-    }
-
-
 # --------------------------------------------------------------------------------------------- the cell
 @dataclass
 class Progress:
@@ -177,7 +154,7 @@ class Cell:
     world: int
     device: torch.device
     run_dir: Path
-    splits: data_mod.DataSplits
+    splits: DataSplits
     tokenizer: Any
     train_examples: list[dict]   # encoded train split; `sample_indices` draws from it
     val_batches: list[dict]      # collated, the same number per rank
@@ -258,7 +235,7 @@ def _initial_metrics(cfg: DictConfig, rdir: Path) -> dict[str, Any]:
     sig = runs.signature(cfg)
     return {
         "schema_version": runs.SCHEMA_VERSION, "status": "running", "signature": sig, "name": runs.cell_name(cfg),
-        "sweep": cfg.sweep_name, "cell": cell_identity(cfg, sig), "run_dir": str(rdir),
+        "sweep": cfg.sweep_name, "cell": runs.cell_identity(cfg, sig), "run_dir": str(rdir),
     }
 
 
@@ -275,9 +252,9 @@ def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tra
         raise
 
 
-def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
+def load_data_and_tokenizer(cfg: DictConfig) -> tuple[DataSplits, Any]:
     """The data splits and the tokenizer (the embedded suite brings its own)."""
-    splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir))
+    splits = load_data(cfg.data, Path(cfg.paths.data_dir))
     tok_path = cfg.model.get("tokenizer") or splits.tokenizer_dir
     if tok_path is None:
         raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")

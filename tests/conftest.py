@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
-
-# No test may reach the network: W&B offline, hub offline.
+# No test may reach the network: W&B offline, hub offline (set before anything imports transformers or wandb).
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-
-def compose(overrides: list[str] | None = None, config_name: str = "train"):
-    """Compose the job config like `distill-train` would, without running it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+from distill.config import compose  # noqa: E402 (the tests' way to build the job's config)
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +50,13 @@ def tiny_tokenizer():
     """Distinct eos and pad tokens, trained on a few instruction-like lines."""
     return byte_bpe_tokenizer(["the cat sat on the mat", "Instruction: add 12 and 30.", "Response: 42"] * 5,
                               300, ["<|pad|>", "<|endoftext|>"], eos="<|endoftext|>", pad="<|pad|>")
+
+
+@pytest.fixture(scope="session")
+def alpaca_tokenizer():
+    """The embedded suite's recipe (byte-level BPE with EOS, PAD and a chat template) on Alpaca-style lines."""
+    from distill.data import ALPACA_PROMPT_INPUT
+    from distill.tasks import train_tokenizer
+
+    text = [ALPACA_PROMPT_INPUT.format(instruction="Add 12 and 30.", input="12 30") + "The answer is 42."] * 20
+    return train_tokenizer(text + ["the cat sat on the mat, 160 times\n"] * 20, 300)

@@ -1,24 +1,44 @@
 """Config composition for every group option, and the checks run before any work starts."""
 
-from pathlib import Path
-
 import pytest
+from omegaconf import OmegaConf
 
-from distill.config import ConfigError, problems, validate
-from tests.conftest import CONF_DIR, compose
+from distill.config import CONF_DIR, ConfigError, problems, validate
+from tests.conftest import compose
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _leaves(node, prefix: str = "") -> dict[str, object]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (lists are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_leaves(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
+    return out
+
+
 @pytest.mark.parametrize("group", ["model", "divergence", "data", "trainer", "eval", "logger", "experiment"])
-def test_every_group_option_composes(group):
+def test_every_group_option_composes_into_its_own_values(group):
     options = _options(group)
     assert options, f"conf/{group} is empty"
     for option in options:
-        cfg = compose([f"{group}={option}"])
-        assert cfg.tau > 0 and "name" in cfg.divergence
+        path = CONF_DIR / group / f"{option}.yaml"
+        own = OmegaConf.to_container(OmegaConf.load(path))
+        own.pop("defaults", None)
+        package = "" if path.read_text().startswith("# @package _global_") else f"{group}."
+        cfg = OmegaConf.to_container(compose([f"{group}={option}"]))
+        composed = _leaves(cfg)
+        checked = 0
+        for key, value in _leaves(own).items():
+            if isinstance(value, str) and "${" in value:
+                continue  # interpolations resolve against other groups
+            assert composed[package + key] == value, f"{group}={option}: {package + key}"
+            checked += 1
+        assert checked, f"{group}={option} sets no value of its own"
 
 
 def test_top_level_keys_and_overrides():
@@ -80,8 +100,13 @@ def test_several_problems_are_all_reported():
 
 def test_hub_ids_are_not_mistaken_for_missing_paths():
     cfg = compose(["model=gpt2xl_gpt2", "data=dolly"])
+    # The composed config carries the chosen options' hub ids (not the toy defaults) ...
+    assert (cfg.model.teacher.path, cfg.model.student.path, cfg.model.tokenizer) == ("gpt2-xl", "gpt2", "gpt2")
+    assert cfg.data.hub_id == "databricks/databricks-dolly-15k"
+    # ... and hub ids are not checked as local directories, while a missing local path is.
     assert not [p for p in problems(cfg) if "no such directory" in p]
-    assert Path(CONF_DIR / "model" / "gpt2xl_gpt2.yaml").exists()
+    missing = compose(["model=gpt2xl_gpt2", "data=dolly", "model.student.path=./no/such/dir"])
+    assert any("model.student.path=./no/such/dir: no such directory" in p for p in problems(missing))
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Tests for distill/data.py: records, readers (every format on fixture files, hub path offline),
-error messages, prompt templates, label masking, truncation, collation and `load_data`."""
+error messages, prompt templates, label masking, truncation, collation."""
 
 from __future__ import annotations
 
@@ -12,23 +12,17 @@ import torch
 
 from distill import data
 from distill.data import (
-    ALPACA_PROMPT_INPUT,
     IGNORE_INDEX,
     Record,
-    TrainDataset,
     TruncationStats,
     collate_train,
     encode_example,
     encode_prompts_left,
-    load_data,
     load_hub_records,
     read_records,
     read_records_with_stats,
     render_prompt,
-    split_valid,
-    write_jsonl,
 )
-from distill.tasks import train_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,11 +30,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 FIX = Path(__file__).resolve().parent / "fixtures" / "data"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """A small byte-level BPE with EOS, PAD and a chat template (the embedded recipe)."""
-    text = [ALPACA_PROMPT_INPUT.format(instruction="Add 12 and 30.", input="12 30") + "The answer is 42."] * 20
-    return train_tokenizer(text + ["the cat sat on the mat, 160 times\n"] * 20, 300)
+@pytest.fixture
+def tok(alpaca_tokenizer):
+    return alpaca_tokenizer
 
 
 REC = Record("Add the numbers.", "12 and 30", ("The answer is 42.", "42", "It equals 42."))
@@ -189,27 +181,12 @@ def test_unknown_format_and_missing_path_are_errors(tmp_path):
         read_records(tmp_path)
 
 
-def test_write_jsonl_round_trips(tmp_path):
-    recs = [REC, REC_NO_INPUT, Record("x", "y", ("z",), task="t")]
-    write_jsonl(tmp_path / "out.jsonl", recs)
-    assert read_records(tmp_path / "out.jsonl") == recs
-    assert not list(tmp_path.glob("*.tmp*"))
-
-
 def test_hub_loader_reads_a_local_dataset_dir_offline(tmp_path):
     recs = load_hub_records(str(FIX / "hub_dolly"), split="train", fmt="dolly", cache_dir=tmp_path)
     assert len(recs) == 5
     assert recs[:4] == read_records(FIX / "dolly.jsonl", "dolly")
     with pytest.raises(ValueError, match="unknown data format"):
         load_hub_records(str(FIX / "hub_dolly"), fmt="csv", cache_dir=tmp_path)
-
-
-def test_split_valid_holds_out_the_first_lines():
-    recs = [Record(str(i), "", ("o",)) for i in range(10)]
-    train, valid = split_valid(recs, 3)
-    assert [r.instruction for r in valid] == ["0", "1", "2"] and [r.instruction for r in train][0] == "3"
-    with pytest.raises(ValueError, match="valid_size must be in 1..9"):
-        split_valid(recs, 10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,95 +301,30 @@ def test_encode_prompts_left_pads_on_the_left_and_truncates(tok):
         encode_prompts_left(tok, [], 8)
 
 
-def test_train_dataset_uses_the_seeded_paraphrase(tok):
+def test_response_mask_is_the_causal_shift_of_the_labels():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX], [IGNORE_INDEX, 5, 6, 9, 2]])
+    mask = data.response_mask(labels)
+    # logits at t predict labels at t + 1: position t is scored when labels[t + 1] is a response token
+    assert mask.tolist() == [[False, True, True, False], [True, True, True, True]]
+    batch = collate_train([{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3]}, {"input_ids": [1], "labels": [1]}], 0)
+    assert data.response_mask(batch["labels"]).sum() == 2  # padding is never scored
+
+
+def test_encode_records_follows_the_data_config(tok):
     recs = [Record(f"Add {i} and 1.", "", (f"The answer is {i + 1}.", f"{i + 1}", f"It equals {i + 1}."))
             for i in range(12)]
-    ds = TrainDataset(recs, tok, max_length=128, max_prompt_length=96, seed=3)
-    assert len(ds) == 12 and ds.stats.examples == 12 and ds.stats.prompts_truncated == 0
-    for r, ex in zip(recs, ds.examples):
+    cfg = {"template": "alpaca", "max_length": 128, "max_prompt_length": 96, "target_seed": 3}
+    stats = TruncationStats()
+    examples = data.encode_records(tok, recs, cfg, stats)
+    assert len(examples) == 12 and stats.examples == 12 and stats.prompts_truncated == 0
+    for r, ex in zip(recs, examples):  # the paraphrase is fixed by data.target_seed
         k = ex["prompt_length"]
         assert tok.decode(ex["input_ids"][k:-1]) == r.target(3)
     assert len({r.target_index(3) for r in recs}) > 1
-
-
-# ----------------------------------------------------------------------------------------------
-# load_data
-
-
-def _external_cfg(**over):
-    cfg = {
-        "name": "dolly", "kind": "jsonl", "train_file": str(FIX / "dolly.jsonl"), "fmt": "dolly", "valid_size": 1,
-        "test_size": None, "template": "alpaca", "max_length": 512, "max_prompt_length": 256,
-        "benchmarks": ["selfinst", "uninst"],
-        "benchmark_files": {"dolly": None, "selfinst": str(FIX / "selfinst.jsonl"),
-                            "uninst": str(FIX / "uninst.jsonl")},
-        "benchmark_limits": {"uninst": 2},
-    }
-    return {**cfg, **over}
-
-
-def test_load_data_embedded_brings_splits_benchmarks_and_tokenizer(tmp_path):
-    cfg = {"name": "embedded", "kind": "embedded", "tokenizer_vocab_size": 300, "template": "alpaca",
-           "max_length": 192, "max_prompt_length": 160, "benchmarks": ["test", "shift_long"],
-           "generator": {"seed": 3, "n_train": 44, "n_valid": 11, "n_test": 11, "n_shift": 11}}
-    splits = load_data(cfg, tmp_path)
-    assert (len(splits.train), len(splits.valid)) == (44, 11)
-    assert list(splits.benchmarks) == ["test", "shift_long"] and all(len(v) == 11 for v in splits.benchmarks.values())
-    assert splits.tokenizer_dir is not None and (splits.tokenizer_dir / "tokenizer.json").is_file()
-    assert all(len(r.outputs) >= 2 and r.task for r in splits.train)
-    with pytest.raises(ValueError, match="embedded suite has no benchmark 'dolly'"):
-        load_data({**cfg, "benchmarks": ["dolly"]}, tmp_path)
-
-
-def test_load_data_jsonl_valid_first_lines_benchmarks_and_limits(tmp_path, tok):
-    splits = load_data(_external_cfg(), tmp_path, tokenizer=tok)
-    dolly = read_records(FIX / "dolly.jsonl", "dolly")
-    assert splits.valid == dolly[:1] and splits.train == dolly[1:] and splits.tokenizer_dir is None
-    assert len(splits.benchmarks["selfinst"]) == 4 and len(splits.benchmarks["uninst"]) == 2
-    assert splits.stats["train_dropped_overlap"] == 0 and splits.stats["train_prompts_over_max"] == 0
-
-
-def test_load_data_holds_out_its_own_test_split_and_drops_overlap(tmp_path):
-    # dolly test = the last record; a benchmark repeating a training record removes it from train
-    lines = (FIX / "dolly.jsonl").read_text().splitlines()
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(lines[1] + "\n")
-    cfg = _external_cfg(benchmarks=["dolly", "vicuna"], test_size=1, benchmark_files={"vicuna": str(bench)},
-                        benchmark_formats={"vicuna": "dolly"})
-    splits = load_data(cfg, tmp_path)
-    dolly = read_records(FIX / "dolly.jsonl", "dolly")
-    assert splits.benchmarks["dolly"] == dolly[-1:] and splits.valid == dolly[:1]
-    assert splits.benchmarks["vicuna"] == dolly[1:2]
-    assert splits.train == dolly[2:3] and splits.stats["train_dropped_overlap"] == 1
-
-
-def test_load_data_hub_kind_reads_a_local_dataset_offline(tmp_path):
-    cfg = _external_cfg(kind="hub", train_file=None, hub_id=str(FIX / "hub_dolly"), hub_cache_dir=str(tmp_path),
-                        fmt=None, benchmarks=["dolly"], test_size=2, valid_size=1)
-    splits = load_data(cfg, tmp_path)
-    assert (len(splits.train), len(splits.valid), len(splits.benchmarks["dolly"])) == (2, 1, 2)
-
-
-def test_load_data_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="benchmark 'sinst' has no file: set data.benchmark_files.sinst"):
-        load_data(_external_cfg(benchmarks=["sinst"]), tmp_path)
-    with pytest.raises(ValueError, match="unknown data.kind 'csv'"):
-        load_data(_external_cfg(kind="csv"), tmp_path)
-    with pytest.raises(ValueError, match="needs data.train_file"):
-        load_data(_external_cfg(train_file=None), tmp_path)
-    with pytest.raises(ValueError, match="set data.valid_size"):
-        load_data(_external_cfg(valid_size=None), tmp_path)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        load_data(_external_cfg(benchmark_files={"selfinst": str(tmp_path / "missing.jsonl"), "uninst": None},
-                                benchmarks=["selfinst"]), tmp_path)
-
-
-def test_load_data_accepts_the_composed_hydra_config(tmp_path):
-    from tests.conftest import compose
-
-    cfg = compose(["data.generator.n_train=22", "data.generator.n_valid=11", "data.generator.n_test=11",
-                   "data.generator.n_shift=11", "data.tokenizer_vocab_size=300"])
-    splits = load_data(cfg.data, tmp_path)
-    assert set(splits.benchmarks) == set(cfg.data.benchmarks) and len(splits.train) == 22
-    dolly = compose(["data=dolly"]).data
-    assert dolly.kind == "hub" and dolly.benchmark_limits.uninst == 10000  # the contract keys exist
+    # data.truncation_side reaches the encoder: "right" keeps a long prompt's start, "left" its end.
+    long = [Record("word " * 80, "", ("ok",))]
+    short = {**cfg, "max_length": 40, "max_prompt_length": 16}
+    left = data.encode_records(tok, long, {**short, "truncation_side": "left"})[0]
+    right = data.encode_records(tok, long, {**short, "truncation_side": "right"})[0]
+    prompt = ids(tok, render_prompt(long[0], "alpaca"))
+    assert left["input_ids"][:16] == prompt[-16:] and right["input_ids"][:16] == prompt[:16]

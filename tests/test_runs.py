@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -25,7 +26,12 @@ def test_int_and_float_spellings_are_the_same_cell():
 def test_signature_is_stable_and_short():
     cfg = compose()
     assert runs.signature(cfg) == runs.signature(compose())
-    assert len(runs.signature(cfg)) == 8 and int(runs.signature(cfg), 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{8}", runs.signature(cfg))  # usable in a dir name as is
+    assert runs.signature(cfg, length=12).startswith(runs.signature(cfg))
+    # Neither the order of the overrides nor that of the keys in the config changes the cell.
+    assert runs.signature(compose(["tau=2", "seed=1"])) == runs.signature(compose(["seed=1", "tau=2"]))
+    shuffled = dict(reversed(list(runs.result_config(cfg).items())))
+    assert runs.signature(shuffled) == runs.signature(cfg)
 
 
 @pytest.mark.parametrize(

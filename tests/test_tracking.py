@@ -1,6 +1,9 @@
 import json
 import os
 
+import pytest
+import wandb.errors
+
 from distill.tracking import LOG_FILE, Tracker
 
 
@@ -61,3 +64,21 @@ def test_a_cell_never_attaches_to_another_process_wandb_service(tmp_path, monkey
     t.finish()
     assert not os.environ.get("WANDB_SERVICE", "").startswith("3-999999-")
     assert list((tmp_path / "wandb").glob("offline-run-*-svc-abc/run-svc-abc.wandb"))
+
+
+def test_a_bug_in_a_tracking_call_is_not_taken_for_a_dead_service(tmp_path):
+    class Refusing:
+        def log(self, *a, **k):
+            raise wandb.errors.CommError("run is finished")
+
+    class Buggy:
+        def log(self, *a, **k):
+            raise TypeError("log() got an unexpected keyword argument")
+
+    t = Tracker({"name": "none"}, run_id="r", name="n", group="g", tags=[], config={}, run_dir=tmp_path)
+    t.run = Refusing()
+    t.log({"train/loss": 1.0}, step=1)  # W&B's own error: W&B is dropped, the cell goes on
+    assert t.run is None
+    t.run = Buggy()
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        t.log({"train/loss": 1.0}, step=2)

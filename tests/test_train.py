@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from distill import engine as eng
 from distill import runs
+from distill import train
 from distill.train import run_cell, sample_indices
 
 
@@ -105,6 +106,38 @@ def test_kill_and_resume_equals_uninterrupted(smoke_cfg, tmp_path, monkeypatch):
     w_a, w_b = _weights(Path(straight["run_dir"])), _weights(Path(resumed["run_dir"]))
     for k in w_a:
         torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_train_step_takes_a_callers_micro_batches_like_its_own(smoke_cfg, tmp_path):
+    own = train.setup(smoke_cfg("trainer.micro_batch_size=4", "trainer.grad_accum=2", f"paths.root={tmp_path}/own"))
+    given = train.setup(smoke_cfg("trainer.micro_batch_size=4", "trainer.grad_accum=2", f"paths.root={tmp_path}/given"))
+    laps: list[str] = []
+    a = train.train_step(own, 0, lap=laps.append)
+    # The same rows as plain collated batches, without example ids: what an on-policy loop would pass.
+    batches = [{k: v for k, v in b.items() if k != train.EXAMPLE_IDS} for b in train.sample_batches(given, 0)]
+    b = train.train_step(given, 0, batches)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"] > 0
+    assert own.progress.step == given.progress.step == 1 and own.progress.tokens == a["tokens"]
+    assert laps == ["data"] + ["forward", "loss", "backward", "step"] * 2  # the segments a benchmark times
+    for p_own, p_given in zip(own.engine.module.parameters(), given.engine.module.parameters()):
+        torch.testing.assert_close(p_own, p_given)
+    with pytest.raises(ValueError, match="needs trainer.grad_accum=2 micro-batches, got 1"):
+        train.train_step(given, 1, batches[:1])
+    assert set(train.validate(own)) == {"ce", "fkl", "rkl"}
+
+
+def test_a_failure_in_setup_is_recorded(smoke_cfg, monkeypatch):
+    from distill import models
+
+    def broken(*a, **k):
+        raise RuntimeError("no such architecture")
+
+    monkeypatch.setattr(models, "build_model", broken)
+    cfg = smoke_cfg()
+    with pytest.raises(RuntimeError, match="no such architecture"):
+        run_cell(cfg)
+    m = runs.read_metrics(runs.run_dir(cfg))
+    assert m["status"] == "failed" and m["error"] == "RuntimeError: no such architecture"
 
 
 def test_sft_mode_loads_no_teacher(smoke_cfg, monkeypatch):
