@@ -28,8 +28,8 @@ demo: $(STAMP)          ## the embedded tau x divergence study end to end, then 
 	$(VENV)/bin/distill-demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_losses.py
-	$(PY) benchmarks/bench_train.py
+	$(PY) -m benchmarks.bench_losses
+	$(PY) -m benchmarks.bench_train
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,8 +1,8 @@
 """Time and peak extra memory of the distillation losses at real vocabulary sizes, side by side.
 
-    python benchmarks/bench_losses.py                      # 4096 positions x 50257 vocab, fkl,rkl,jsd
-    python benchmarks/bench_losses.py --quick              # small sizes, a smoke run
-    python benchmarks/bench_losses.py --vocab 151936 --positions 2048 --objectives fkl,akl --chunk-size 512
+    python -m benchmarks.bench_losses                      # 4096 positions x 50257 vocab, fkl,rkl,jsd
+    python -m benchmarks.bench_losses --quick              # small sizes, a smoke run
+    python -m benchmarks.bench_losses --vocab 151936 --positions 2048 --objectives fkl,akl --chunk-size 512
 
 Variants (forward + backward of one loss, gradient w.r.t. the student):
   naive    a reference in the style of DistiLLM's losses: fp32 softmax / log_softmax of the full [N, V] tensors,
