@@ -278,6 +278,11 @@ class Rollout:
         return self.name in ("on_policy", "sgo")
 
     @property
+    def stateful(self) -> bool:
+        """Whether anything must be checkpointed (counters, and for SGO the buffer and threshold)."""
+        return self.samples_student
+
+    @property
     def needs_initial_dev_loss(self) -> bool:
         """SGO compares dev losses with the one before training (DistiLLM evaluates at step 0)."""
         return self.name == "sgo" and self.prev_loss is None
@@ -339,7 +344,9 @@ class Rollout:
         return out
 
     def log_values(self) -> dict[str, float]:
-        """Scalars for the step log (W&B `rollout/...`)."""
+        """Scalars for the step log (W&B `rollout/...`); none for offline rollouts."""
+        if not self.samples_student:
+            return {}
         total = max(sum(self.counts.values()), 1)
         out = {f"rollout/{s}_frac": self.counts[s] / total for s in SOURCES if s != "offline"}
         if self.name == "sgo":

@@ -402,3 +402,146 @@ def test_offline_keeps_the_old_signature_and_names_tell_rollouts_apart():
     assert runs.cell_name(compose(["experiment=smoke", "rollout=sgo", "divergence=skl"])) == "skl-tau1-sgo-s0"
     assert runs.cell_name(compose(["experiment=smoke", "rollout=seq_kd", "loss.kd_ratio=0"])) == "sft-seqkd-s0"
     assert json.dumps(runs.result_config(on)["rollout"]["lmbda"]) == "0.0"
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "student" / "model.safetensors"))
+
+
+def test_lmbda_zero_trains_bit_identically_to_offline(smoke_cfg, tmp_path):
+    from pathlib import Path
+
+    from distill.train import run_cell
+
+    off = run_cell(smoke_cfg("eval.max_examples=2", f"paths.root={tmp_path}/off"))
+    zero = run_cell(smoke_cfg("eval.max_examples=2", "rollout=on_policy", "rollout.lmbda=0", f"paths.root={tmp_path}/z"))
+    assert zero["name"] == "fkl-tau1-onpolicy0-s0" and zero["cell"]["rollout"] == "on_policy λ=0"
+    assert zero["train"]["rollout"]["micro_batches"] == {"offline": 6, "generated": 0, "replayed": 0}
+    assert zero["train"]["final_loss"] == off["train"]["final_loss"]
+    w_off, w_zero = _weights(Path(off["run_dir"])), _weights(Path(zero["run_dir"]))
+    assert all(torch.equal(w_off[k], w_zero[k]) for k in w_off)
+
+
+ROLLOUT_CELLS = {
+    # lmbda 0.5: both sources occur in 6 steps (coins of seed 0)
+    "on_policy": ["rollout=on_policy", "rollout.lmbda=0.5"],
+    # threshold 1 and a one-micro-batch buffer: step 0 generates (buffer empty), and with fresh = 1 - (s+1)/6 the
+    # last step (fresh 0) must replay what was generated before the kill
+    "sgo": ["rollout=sgo", "rollout.init_threshold=1.0", "rollout.capacity=8", "divergence=skl"],
+}
+
+
+@pytest.mark.parametrize("rollout", sorted(ROLLOUT_CELLS))
+def test_killed_rollout_cell_resumes_like_the_unkilled_one(rollout, smoke_cfg, tmp_path, monkeypatch):
+    """An on-policy and an SGO smoke cell end to end, and killed after the checkpoint at step 3 then resumed:
+    the same weights, loss and rollout counters (replay buffer, threshold and draws restored)."""
+    from pathlib import Path
+
+    from distill import engine as eng
+    from distill import runs
+    from distill.train import run_cell
+
+    common = [*ROLLOUT_CELLS[rollout], "eval.max_examples=2", "rollout.sampling.max_new_tokens=12"]
+    straight = run_cell(smoke_cfg(*common, f"paths.root={tmp_path}/straight"))
+    assert straight["status"] == "completed" and straight["cell"]["rollout"] != "offline"
+    counts = straight["train"]["rollout"]["micro_batches"]
+    assert counts["generated"] >= 1 and counts["offline" if rollout == "on_policy" else "replayed"] >= 1, counts
+    assert straight["train"]["rollout"]["generated_tokens"] > 0
+    log = (Path(straight["run_dir"]) / "train_log.jsonl").read_text()
+    assert "rollout/generated_frac" in log
+    if rollout == "sgo":
+        assert straight["name"] == "skl-tau1-sgo-s0" and straight["train"]["rollout"]["buffer"] == 8
+        assert '"valid/ce"' in log.splitlines()[0]  # the dev loss before training (DistiLLM's reference)
+
+    real_save = eng.save_checkpoint
+
+    def save_then_die(engine, run_dir, step, client_state, keep):
+        real_save(engine, run_dir, step, client_state, keep)
+        raise RuntimeError(f"killed after checkpoint at step {step}")
+
+    cfg = smoke_cfg(*common, f"paths.root={tmp_path}/resumed")
+    monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed after checkpoint at step 3"):
+        run_cell(cfg)
+    ckpt = eng.checkpoint_dir(runs.run_dir(cfg), 3)
+    assert (ckpt / "rollout-rank00000.safetensors").exists()
+    monkeypatch.setattr(eng, "save_checkpoint", real_save)
+    resumed = run_cell(cfg)
+    assert resumed["train"]["resumed_from_step"] == 3
+    assert resumed["train"]["rollout"] == straight["train"]["rollout"]
+    assert resumed["train"]["final_loss"] == pytest.approx(straight["train"]["final_loss"], rel=1e-6)
+    w_a, w_b = _weights(Path(straight["run_dir"])), _weights(Path(resumed["run_dir"]))
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_seq_kd_cells_share_one_file_of_teacher_samples(smoke_cfg, tmp_path):
+    from pathlib import Path
+
+    from distill.train import run_cell
+
+    teacher = run_cell(smoke_cfg("experiment=[smoke,teacher]", "eval.max_examples=2", f"paths.root={tmp_path}/t"))
+    t_dir = Path(teacher["run_dir"]) / "student"
+    common = [f"model.teacher.path={t_dir}", "model.teacher.allow_random=false", "rollout=seq_kd",
+              "rollout.sampling.max_new_tokens=12", "eval.max_examples=2"]
+    seqkd = run_cell(smoke_cfg(*common, "loss.kd_ratio=0"))          # classic SeqKD: CE on the teacher's samples
+    word = run_cell(smoke_cfg(*common, "divergence=rkl", "tau=2"))   # + the token-level divergence on them
+    assert seqkd["name"] == "sft-seqkd-s0" and word["name"] == "rkl-tau2-seqkd-s0"
+    assert seqkd["status"] == word["status"] == "completed" and word["cell"]["rollout"] == "seq_kd"
+    assert len(list((tmp_path / "cache").glob("seqkd-*.safetensors"))) == 1
+
+
+ZERO3_WORKER = """
+import json, os, sys, copy
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from distill import engine as eng
+from distill.rollout import sample_examples
+
+rank, world = eng.setup_distributed(120)
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_layer=2, n_embd=32, n_head=2, eos_token_id=7,
+                                   bos_token_id=7, pad_token_id=0)).eval()
+bias = torch.zeros(64)
+bias[7] = 50.0 if rank == 0 else -50.0   # rank 0 stops after one token, rank 1 never stops early
+model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
+plain = copy.deepcopy(model)
+trainer = dict(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=3, lr=1e-3, betas=[0.9, 0.95],
+               weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1)
+engine = eng.initialize(model, trainer, world)
+prompts = [[1, 2, 3, 4], [5, 6]] if rank == 0 else [[9, 10, 11], [12]]
+kw = dict(sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 10}, seed=rank, pad_id=0, eos_id=7,
+          max_length=40)
+sharded = sample_examples(engine.module, prompts, synced_gpus=True, **kw)
+alone = sample_examples(plain, prompts, **kw)
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump({"sharded": sharded, "plain": alone}, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_generate_under_zero3_when_one_stops_first(tmp_path):
+    """Two ranks sample under ZeRO-3 (every forward gathers the shards: a collective). Rank 0's rows stop at
+    once, rank 1's never: with `synced_gpus` rank 0 keeps joining rank 1's forwards instead of hanging, and each
+    rank's samples equal what its plain (unsharded) copy of the weights samples."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(ZERO3_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["sharded"] == r["plain"]
+    assert [len(e["input_ids"]) - e["prompt_length"] for e in r0["sharded"]] == [1, 1]    # EOS at once
+    assert [len(e["input_ids"]) - e["prompt_length"] for e in r1["sharded"]] == [10, 10]  # ran to the limit
