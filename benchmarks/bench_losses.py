@@ -11,7 +11,8 @@ Variants (forward + backward of one loss, gradient w.r.t. the student):
   chunked  distill.chunked_losses.chunked_distillation_loss (chunk_size rows at a time).
   fused    distill.chunked_losses.fused_distillation_loss (from hidden states; never builds [N, V] logits).
 Peers (optional: `pip install -e ".[peers]"`; a missing one is reported and skipped):
-  torchtune       torchtune.modules.loss.ForwardKLWithChunkedOutputLoss (fkl only), fed --tt-chunks chunks of
+  torchtune       torchtune.modules.loss.ForwardKLWithChunkedOutputLoss (fkl only; its module loaded by file, see
+                  benchmarks/peers.py), fed --tt-chunks chunks of
                   logits as its recipe does (in the hidden section: one output projection per chunk); it has no
                   temperature, so each chunk is divided by tau first. Its value is a cross-entropy (no teacher
                   entropy): converted to ours as (value - H(p_tau)) x tau^2 for the agreement columns.
@@ -58,6 +59,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -150,9 +152,8 @@ def _peer_beta(name: str, params: dict) -> float:
 
 
 def _torchtune_loss(student_chunks, teacher_chunks, labels, n_chunks: int):
-    from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
-
-    return ForwardKLWithChunkedOutputLoss(num_output_chunks=n_chunks)(student_chunks, teacher_chunks, labels)
+    loss_fn = peers.torchtune_kd_losses().ForwardKLWithChunkedOutputLoss(num_output_chunks=n_chunks)
+    return loss_fn(student_chunks, teacher_chunks, labels)
 
 
 def _entropy_mean(teacher_logits_rows, mask: torch.Tensor, tau: float) -> float:
@@ -329,6 +330,7 @@ def _parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per variant (min is reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="512 positions x 8192 vocab, chunks of 128, one repeat")
+    ap.add_argument("--json", help="also write every measurement to this JSON file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -438,6 +440,15 @@ def main(argv: list[str] | None = None) -> None:
     for dist in sorted(missing):
         print(f"# skipped the {dist} variants: not installed ({peers.INSTALL_HINT})")
     _peer_summary(rows)
+    if args.json:
+        from distill.runs import atomic_write_json
+
+        atomic_write_json(Path(args.json), {
+            "args": {k: v for k, v in vars(args).items() if k != "child"}, "versions": peers.versions(),
+            "results": [{"section": sec, "objective": name, "variant": var, **r, **dict(zip(
+                ("d_loss", "d_grad"), _agreement(r, res.get("plain"))))}
+                for sec, name, res in rows for var, r in res.items()],
+        })
 
 
 if __name__ == "__main__":

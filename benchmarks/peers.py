@@ -1,15 +1,17 @@
 """The peer libraries the benchmarks compare against: which are installed, at which version, and how to ask.
 
-They are an optional dependency group (`pip install -e ".[peers]"`, see pyproject.toml), never needed by the job:
-TRL (its off-policy distillation trainer), Liger-Kernel (its chunked fused-linear distillation losses, pure PyTorch
-on CPU: no Triton is needed for `liger_kernel.chunked_loss`) and torchtune (its chunked KD loss; its package import
-needs torchao, sentencepiece and tiktoken). Versions are read from the installed distributions' metadata, without
-importing them (importing torchtune alone costs ~10 s of CPU here).
+They are an optional dependency group (pyproject.toml: `peers`, and `peers-nodeps` installed with --no-deps), never
+needed by the job: TRL (its off-policy distillation trainer), Liger-Kernel (its chunked fused-linear distillation
+losses: pure PyTorch on CPU, `liger_kernel.chunked_loss` imports no Triton) and torchtune (its chunked KD loss).
+Versions are read from the installed distributions' metadata.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import metadata
+from pathlib import Path
+from types import ModuleType
 
 # distribution name -> what it is measured for
 PEERS = {
@@ -29,7 +31,7 @@ def version(dist: str) -> str | None:
         return None
 
 
-def versions(dists=("torch", "transformers", "accelerate", "deepspeed", *PEERS, "torchao")) -> str:
+def versions(dists=("torch", "transformers", "accelerate", "deepspeed", *PEERS)) -> str:
     """One line 'name version, ...' for the header of a benchmark's output ('missing' where not installed)."""
     return ", ".join(f"{d} {version(d) or 'missing'}" for d in dists)
 
@@ -39,3 +41,21 @@ def require(dist: str) -> None:
     if version(dist) is None:
         raise SystemExit(f"{dist} is not installed (needed for the {PEERS.get(dist, dist)} comparison); "
                          f"install the peers extra: {INSTALL_HINT}")
+
+
+def torchtune_kd_losses() -> ModuleType:
+    """torchtune's `modules/loss/kd_losses.py` (ForwardKLWithChunkedOutputLoss and friends: torch only), loaded
+    from the installed distribution by file.
+
+    `import torchtune` first requires torchao and imports every torchtune model and dataset; torchao, once
+    installed, is imported by transformers in every process (~8 s and CUDA-library warnings per job here), so the
+    peers group leaves it out and this reads the one module the benchmark measures.
+    """
+    spec = importlib.util.find_spec("torchtune")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        require("torchtune")
+    path = Path(list(spec.submodule_search_locations)[0]) / "modules" / "loss" / "kd_losses.py"
+    mod_spec = importlib.util.spec_from_file_location("torchtune_kd_losses", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
