@@ -70,8 +70,10 @@ class Cell:
 
     @property
     def label_source(self) -> dict[str, Any]:
-        """The cell description without per-cell identifiers (signature)."""
-        return {k: v for k, v in (self.metrics or {}).get("cell", {}).items() if k not in IDENTITY_KEYS}
+        """The cell description without per-cell identifiers (signature); cells written before rollouts
+        existed trained on the references: their rollout is 'offline'."""
+        cell = {k: v for k, v in (self.metrics or {}).get("cell", {}).items() if k not in IDENTITY_KEYS}
+        return {**cell, "rollout": cell.get("rollout") or "offline"} if cell else cell
 
 
 def parse_metrics(text: str, source: str) -> dict[str, Any]:
@@ -219,9 +221,11 @@ def objectives(cells: Iterable[Cell]) -> dict[str, Objective]:
     skip = {"divergence", "divergence_params", "tau", "seed"}
 
     def varying(group: list[Cell], ignore: Iterable[str] = ()) -> list[str]:
-        # a field varies if it takes two values (absent counts as a value) across the group
+        # a field varies if it takes two values across the cells that record it: a field that newer
+        # code added (e.g. max_steps) does not split a sweep whose older cells lack it
         keys = sorted({k for c in group for k in c.label_source} - skip - set(ignore))
-        return [k for k in keys if len({json.dumps(c.label_source.get(k), sort_keys=True) for c in group}) > 1]
+        return [k for k in keys
+                if len({json.dumps(c.label_source[k], sort_keys=True) for c in group if k in c.label_source}) > 1]
 
     sft = [c for c in done if c.label_source["divergence"] == SFT]
     distilled = [c for c in done if c.label_source["divergence"] != SFT]

@@ -21,7 +21,8 @@ def _leaves(node, prefix: str = "") -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("group", ["model", "divergence", "data", "trainer", "eval", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model", "divergence", "rollout", "data", "trainer", "eval", "logger", "method",
+                                   "experiment"])
 def test_every_group_option_composes_into_its_own_values(group):
     options = _options(group)
     assert options, f"conf/{group} is empty"
