@@ -29,11 +29,17 @@ def test_every_group_option_composes_into_its_own_values(group):
     for option in options:
         path = CONF_DIR / group / f"{option}.yaml"
         own = OmegaConf.to_container(OmegaConf.load(path))
-        own.pop("defaults", None)
         package = "" if path.read_text().startswith("# @package _global_") else f"{group}."
         cfg = OmegaConf.to_container(compose([f"{group}={option}"]))
         composed = _leaves(cfg)
         checked = 0
+        for entry in own.pop("defaults", None) or []:  # `override /divergence: ab` selects that option
+            if isinstance(entry, dict):
+                for key, chosen in entry.items():
+                    other = key.split("/")[-1]
+                    if isinstance(cfg.get(other), dict) and "name" in cfg[other]:
+                        assert cfg[other]["name"] == chosen, f"{group}={option}: {key}"
+                        checked += 1
         for key, value in _leaves(own).items():
             if isinstance(value, str) and "${" in value:
                 continue  # interpolations resolve against other groups
