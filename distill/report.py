@@ -46,7 +46,8 @@ CELL_DIR_RE = re.compile(r"^.+-[0-9a-f]{8}$")  # <name>-<8-hex signature>
 DIVERGENCE_ORDER = ("sft", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
 # per-cell identifiers inside `cell` that say nothing about the objective (never grouped on)
 IDENTITY_KEYS = ("signature", "name")
-REPORT_FILES = ("report.md", "report.csv", "report.png")
+REPORT_FILES = ("report.md", "report.csv", "report.png", "report.html")
+SUMMARY_JOB_TYPE = "sweep-report"   # W&B job_type of the per-sweep summary run (distill.wandb_report)
 
 
 # ----------------------------------------------------------------------------- records
@@ -131,6 +132,55 @@ def dedupe(cells: list[Cell]) -> list[Cell]:
             key = json.dumps(c.label_source, sort_keys=True)
             c = Cell(c.dir, "superseded", c.metrics, f"same cell as {latest[key].dir}, which is newer")
         out.append(c)
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model the sweep's students are compared with: its own cell's scores per benchmark."""
+
+    label: str                  # "teacher" or "SFT baseline" (+ the cell dir when there are several)
+    cell_dir: str               # the reference's own run dir
+    scores: dict[str, float]    # benchmark -> rougeL_mean
+
+
+def _model_run_dir(model_path: str, root: Path) -> Path | None:
+    """The run dir that exported `model_path` (`<run_dir>/student`), if it is one of ours."""
+    p = Path(model_path)
+    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, root.parent / p]):
+        if cand.name == "student" and (cand.parent / "metrics.json").is_file():
+            return cand.parent
+    return None
+
+
+def references(cells: Iterable[Cell], root: str | os.PathLike) -> list[Reference]:
+    """The teacher and the SFT warm start of the sweep's completed cells, read from their own cells.
+
+    `cell.teacher` / `cell.student` are model paths; when a path is a `<run_dir>/student` exported
+    by `distill-train` (absolute, or relative to the working dir or to the sweep's output root) and
+    that run completed, its scores become a reference line. Hub models and random inits have none.
+    """
+    found: dict[tuple[str, Path], dict[str, float]] = {}
+    for c in cells:
+        if c.status != FINISHED:
+            continue
+        for role in ("teacher", "student"):
+            path = (c.metrics or {}).get("cell", {}).get(role)
+            run_dir = _model_run_dir(str(path), Path(root)) if path else None
+            if run_dir is None or (role, run_dir) in found:
+                continue
+            try:
+                m = parse_metrics((run_dir / "metrics.json").read_text(), str(run_dir / "metrics.json"))
+            except (ValueError, OSError):
+                continue
+            if m["status"] == FINISHED and (role == "teacher" or m["cell"]["divergence"] == "sft"):
+                found[(role, run_dir)] = {b: float(e["rougeL_mean"]) for b, e in m["eval"].items()}
+    out = []
+    for (role, run_dir), scores in sorted(found.items(), key=lambda kv: (kv[0][0] != "teacher", str(kv[0][1]))):
+        label = "teacher" if role == "teacher" else "SFT baseline"
+        if sum(r == role for r, _ in found) > 1:
+            label += f" ({run_dir.name})"
+        out.append(Reference(label, str(run_dir), scores))
     return out
 
 
@@ -418,8 +468,8 @@ def render_csv(summary: Summary) -> str:
     return buf.getvalue()
 
 
-def render_png(summary: Summary, sweep: str, path: Path) -> None:
-    """ROUGE-L vs tau, one panel per benchmark, one line (± std) per objective."""
+def render_png(summary: Summary, sweep: str, path: Path, refs: Sequence[Reference] = ()) -> None:
+    """ROUGE-L vs tau, one panel per benchmark, one line (± std) per objective, references dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,6 +497,10 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             es = [0.0 if math.isnan(s.std) else s.std for _, s in pts]
             ax.errorbar(xs, ys, yerr=es, label=o.label, color=cmap(ci % 10), marker=markers[i % len(markers)],
                         markersize=5, linewidth=1.8, capsize=3, elinewidth=1.1)
+        for k, ref in enumerate(refs):
+            if bench in ref.scores:
+                ax.axhline(ref.scores[bench], color=("0.25", "0.55", "0.7")[k % 3], linestyle=("--", ":", "-.")[k % 3],
+                           linewidth=1.3, label=ref.label, zorder=1)
         ax.set_xscale("log", base=2)
         if summary.taus:
             ax.set_xticks(summary.taus)
@@ -456,12 +510,15 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             ax.text(0.5, 0.5, "no completed cells", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(bench, fontsize=12)
         ax.set_xlabel("distillation temperature τ (log₂ scale)")
-        ax.set_ylabel("ROUGE-L")
+        ax.set_ylabel("ROUGE-L F1 x 100")
         ax.grid(True, which="major", alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(benches):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}   # label -> handle, over every panel (a reference may miss the first benchmark)
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    labels, handles = list(legend), list(legend.values())
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False,
                    bbox_to_anchor=(0.5, 0.0))
@@ -501,12 +558,17 @@ def write_report(cells: list[Cell], out_dir: str | os.PathLike, sweep: str | Non
         names = {c.metrics.get("sweep") for c in cells if c.metrics and c.metrics.get("sweep")}
         sweep = names.pop() if len(names) == 1 else out.resolve().name
     summary = summarize(cells)
+    refs = references(cells, out)
     paths = {name: out / name for name in REPORT_FILES}
     with _atomic(paths["report.md"]) as f:
         f.write(render_markdown(summary, sweep))
     with _atomic(paths["report.csv"]) as f:
         f.write(render_csv(summary))
-    render_png(summary, sweep, paths["report.png"])
+    render_png(summary, sweep, paths["report.png"], refs)
+    from distill.dashboard import render_html   # plotly only when a report is due
+
+    with _atomic(paths["report.html"]) as f:
+        f.write(render_html(summary, sweep, refs, out))
     return paths
 
 
@@ -527,30 +589,17 @@ _WANDB_STATUS = {"finished": "completed", "running": "running", "crashed": "fail
                  "killed": "failed", "preempted": "running", "pending": "running"}
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}} (the job logs its config to W&B with flattened keys)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *heads, last = str(key).split(".")
-        for h in heads:
-            node = node.setdefault(h, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[last] = value
-    return out
+# W&B summary name (distill.tracking) -> metrics.json name, per benchmark
+_WANDB_EVAL_KEYS = {"rougeL": "rougeL_mean", "rougeL_std": "rougeL_std", "exact_match": "exact_match_mean"}
 
 
 def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> Cell:
-    """Rebuild a Cell from a W&B run's config and summary.
+    """Rebuild a Cell from a W&B run's config and summary, as `distill.tracking` logs them.
 
-    The job (distill.tracking) logs the resolved Hydra config with flattened keys (tau, seed,
-    divergence.name, divergence.<param>, loss.kd_ratio, ..., model.name, data.name) and a
-    flattened final summary `eval.<benchmark>.rougeL_mean` (+ `_std`, ...) and `valid.<ce|fkl|rkl>`;
-    nested keys and `/` separators are accepted too.
+    Config: the resolved Hydra config, nested (tau, seed, divergence.name and its params,
+    loss.kd_ratio, ..., model.name, data.name). Summary, one slash scheme: the final
+    `eval/<benchmark>/rougeL` (+ `rougeL_std`, `exact_match`) and `valid/<ce|fkl|rkl>`.
     """
-    config = _unflatten(config)
     div = dict(config.get("divergence") or {})
     loss = config.get("loss") or {}
     kd_ratio = loss.get("kd_ratio", 1.0)
@@ -561,17 +610,16 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
     for k, v in summary.items():
-        parts = re.split(r"[./]", str(k))
-        if len(parts) == 3 and parts[0] == "eval":
-            evals.setdefault(parts[1], {})[parts[2]] = v
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue   # tables (eval/<b>/generations), images, ...
+        parts = str(k).split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in _WANDB_EVAL_KEYS:
+            evals.setdefault(parts[1], {})[_WANDB_EVAL_KEYS[parts[2]]] = v
         elif len(parts) == 2 and parts[0] == "valid":
             valid[parts[1]] = v
-    for e in evals.values():  # the per-step log key is eval/<b>/rougeL; the summary has rougeL_mean
-        if "rougeL_mean" not in e and "rougeL" in e:
-            e["rougeL_mean"] = e["rougeL"]
     status = _WANDB_STATUS.get(state, "failed")
     if status == FINISHED and not evals:
-        return Cell(run_id, "unreadable", None, "finished W&B run without eval.<benchmark>.rougeL_mean in its summary")
+        return Cell(run_id, "unreadable", None, "finished W&B run without eval/<benchmark>/rougeL in its summary")
     if cell["divergence"] is None or cell["tau"] is None or cell["seed"] is None:
         return Cell(run_id, "unreadable", None, "W&B run config lacks divergence.name/tau/seed")
     metrics = {"schema_version": SCHEMA_VERSION, "status": status, "name": run_id, "cell": cell,
@@ -589,7 +637,9 @@ def records_from_wandb(path: str, group: str, api: Any = None) -> list[Cell]:
 
         api = wandb.Api(timeout=30)
     runs = api.runs(path, filters={"group": group})
-    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs]
+    # the sweep's summary run (job_type sweep-report) holds the report, not a cell
+    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs
+             if getattr(r, "job_type", None) != SUMMARY_JOB_TYPE]
     return dedupe(cells)
 
 
