@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from distill.report import (DIVERGENCE_ORDER, FINISHED, Cell, Objective, Reference, Summary, _fmt_value,
+from distill.report import (DIVERGENCE_ORDER, FINISHED, SFT, Cell, Objective, Reference, Summary, _fmt_value,
                             objectives)
 
 GENERATIONS_SHOWN = 5   # examples per benchmark in a cell's drill-down (first eval seed)
@@ -72,14 +72,16 @@ def rouge_figure(summary: Summary, refs: Sequence[Reference]):
                 continue
             jitter = 2 ** (0.03 * (i - (n - 1) / 2))   # error bars at one tau do not hide each other
             colour = _colour(obj, i)
+            level = obj.divergence == SFT and len({id(s) for _, s in pts}) == 1   # SFT: no tau, one level
             fig.add_trace(go.Scatter(
                 x=[t * jitter for t, _ in pts], y=[s.mean for _, s in pts],
                 error_y=dict(type="data", array=[_num(s.std) or 0.0 for _, s in pts], visible=True, thickness=1.2),
                 customdata=[[_fmt_value(t), s.n, "–" if math.isnan(s.std) else f"{s.std:.1f}"] for t, s in pts],
                 hovertemplate=f"<b>{html.escape(obj.label)}</b> τ=%{{customdata[0]}}<br>"
                               "ROUGE-L %{y:.1f} ± %{customdata[2]} (n=%{customdata[1]} seeds)<extra></extra>",
-                mode="lines+markers", name=obj.label, legendgroup=obj.label, showlegend=b == 0,
-                line=dict(color=colour, width=2), marker=dict(size=7, color=colour),
+                mode="lines+markers", name=obj.label + (" (no τ)" if level else ""), legendgroup=obj.label,
+                showlegend=b == 0, line=dict(color=colour, width=2, dash="dash" if level else "solid"),
+                marker=dict(size=7, color=colour),
                 meta=dict(kind="objective", objective=obj.label, benchmark=bench)), row=r, col=c)
             seeds = [(t, seed, v) for t, s in pts for seed, v in s.by_seed.items()]
             fig.add_trace(go.Scatter(
