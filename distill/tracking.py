@@ -10,8 +10,9 @@ What a cell's W&B run looks like (the dashboard and `distill.report.records_from
   `valid/<ce|fkl|rkl>` at each validation, and once at the end, in one row at the last step:
   `tau` (the x axis of "ROUGE-L vs tau" panels), `eval/<benchmark>/<rougeL|rougeL_std|exact_match>`,
   the final `valid/*`, and `eval/<benchmark>/generations` (a wandb.Table: seed, prompt, output,
-  references, score). `define_metric` makes every summary value the last one logged, so the summary
-  holds the final evaluation under the same names; run-level numbers go to `train/<steps|time_s|...>`.
+  references, score). `define_metric` puts eval/* on the tau axis; the summary is each metric's last
+  value (W&B's default), i.e. the final evaluation under the same names; run-level numbers go to
+  `train/<steps|time_s|...>`. No dotted duplicates.
 - console output captured (`console="wrap"`, offline too): a failed cell shows its traceback.
 - files under `<logger.dir>/wandb/` (`<paths.sweep_dir>`: one folder per sweep).
 
@@ -113,10 +114,10 @@ class Tracker:
             reinit="finish_previous",  # in-process multirun: never log into the previous cell's run
             settings=wandb.Settings(console="wrap", silent=True),
         )
+        # eval/* is drawn against tau. Summaries stay W&B's default, the last value logged: the final
+        # evaluation and validation, under their own names (summary="last" would nest them as `.last`).
         self.run.define_metric("tau")
-        self.run.define_metric("eval/*", step_metric="tau", summary="last")
-        for prefix in ("train/*", "valid/*"):
-            self.run.define_metric(prefix, summary="last")
+        self.run.define_metric("eval/*", step_metric="tau")
         if earlier:
             self._replay_local_log()
 

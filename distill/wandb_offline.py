@@ -65,8 +65,12 @@ def read_records(path: str | os.PathLike) -> Iterator:
         yield record
 
 
-def _item_key(item) -> str:
-    return item.key or "/".join(item.nested_key)
+def _put(out: dict, item) -> None:
+    """Set an item's JSON value under its key; a nested key (a table's fields) becomes nested dicts."""
+    keys = [item.key] if item.key else list(item.nested_key)
+    for k in keys[:-1]:
+        out = out.setdefault(k, {})
+    out[keys[-1]] = json.loads(item.value_json)
 
 
 def history_rows(path: str | os.PathLike) -> list[dict]:
@@ -74,8 +78,34 @@ def history_rows(path: str | os.PathLike) -> list[dict]:
     rows = []
     for r in read_records(path):
         if r.WhichOneof("record_type") == "history":
-            rows.append({_item_key(i): json.loads(i.value_json) for i in r.history.item})
+            row: dict = {}
+            for item in r.history.item:
+                _put(row, item)
+            rows.append(row)
     return rows
+
+
+def run_info(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(run record fields, config) of the file: id, group, job_type, name; config as logged (JSON-decoded)."""
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "run":
+            run = r.run
+            config = {i.key: json.loads(i.value_json) for i in run.config.update}
+            return ({"run_id": run.run_id, "group": run.run_group, "job_type": run.job_type,
+                     "display_name": run.display_name, "project": run.project}, config)
+    raise ValueError(f"{path}: no run record")
+
+
+def final_summary(path: str | os.PathLike) -> dict:
+    """The run's summary as the file leaves it: every summary update applied in order."""
+    out: dict = {}
+    for r in read_records(path):
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                _put(out, item)
+            for item in r.summary.remove:
+                out.pop(item.key or item.nested_key[0], None)
+    return out
 
 
 def logged_steps(paths: list[str | os.PathLike]) -> dict[str, int]:
