@@ -187,18 +187,11 @@ def _esc(x: Any) -> str:
 
 
 def _generations_html(cell_dir: Path, benches: Sequence[str]) -> str:
-    gdir = cell_dir / "generations"
+    from distill.evaluate import read_generations
+
     parts = []
     for bench in benches:
-        path = gdir / f"{bench}.generations.jsonl"
-        if not path.is_file():
-            continue
-        lines = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                continue
+        lines = read_generations(cell_dir / "generations", bench)
         if not lines:
             continue
         first_seed = lines[0].get("seed")
@@ -349,7 +342,7 @@ def render_html(summary: Summary, sweep: str, refs: Sequence[Reference], root: P
     status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] != FINISHED))
     toggles = "".join(f"<label><input type='checkbox' class='objective-toggle' value='{_esc(o.label)}' checked> "
                       f"{_esc(o.label)}</label>" for o in summary.rows)
-    refs_line = "; ".join(f"{_esc(r.label)} = {_esc(r.cell_dir)}" for r in refs) or "none found"
+    refs_line = "; ".join(f"{_esc(r.label)} = cell {_esc(Path(r.cell_dir).name)}" for r in refs) or "none found"
     diff_block = ("<div id='difference'></div>" if diff is not None
                   else "<p class='none'>FKL and RKL were not both run: no difference to show.</p>")
     return f"""<!DOCTYPE html>
@@ -360,7 +353,7 @@ def render_html(summary: Summary, sweep: str, refs: Sequence[Reference], root: P
 <h1>Sweep <code>{_esc(sweep)}</code></h1>
 <p class="lead">{len(summary.cells)} cells: {_esc(status_line)}. Each line is an objective's ROUGE-L
 (F1 x 100) <b>mean ± std over training seeds</b> (sample std; no bar with one seed); the faint points are the
-training seeds, each itself a mean over eval seeds. Dashed lines: reference models ({refs_line}).
+training seeds, each itself a mean over eval seeds. Dashed and dotted levels: reference models ({refs_line}).
 Same numbers as report.md.</p>
 <h2>ROUGE-L vs distillation temperature</h2>
 <div id="toggles">Objectives: {toggles}</div>

@@ -841,8 +841,11 @@ _WANDB_STATUS = {"finished": "completed", "running": "running", "crashed": "fail
                  "killed": "failed", "preempted": "running", "pending": "running"}
 
 
-# W&B summary name (distill.tracking) -> metrics.json name, per benchmark
-_WANDB_EVAL_KEYS = {"rougeL": "rougeL_mean", "rougeL_std": "rougeL_std", "exact_match": "exact_match_mean"}
+def _wandb_eval_keys() -> dict[str, str]:
+    """W&B summary name (distill.tracking) -> metrics.json name, per benchmark."""
+    from distill.tracking import EVAL_NAMES
+
+    return {w: m for m, w in EVAL_NAMES.items()}
 
 
 def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> Cell:
@@ -861,12 +864,13 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
             "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name")}
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
+    names = _wandb_eval_keys()
     for k, v in summary.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue   # tables (eval/<b>/generations), images, ...
         parts = str(k).split("/")
-        if len(parts) == 3 and parts[0] == "eval" and parts[2] in _WANDB_EVAL_KEYS:
-            evals.setdefault(parts[1], {})[_WANDB_EVAL_KEYS[parts[2]]] = v
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in names:
+            evals.setdefault(parts[1], {})[names[parts[2]]] = v
         elif len(parts) == 2 and parts[0] == "valid":
             valid[parts[1]] = v
     status = _WANDB_STATUS.get(state, "failed")

@@ -61,6 +61,16 @@ def job_type(kd_ratio: float, configured: str | None = None) -> str:
     return "distill" if float(kd_ratio) > 0 else "student-sft"
 
 
+# metrics.json's per-benchmark eval key -> its W&B name (eval/<benchmark>/<name>); the report reads them back
+EVAL_NAMES = {"rougeL_mean": "rougeL", "rougeL_std": "rougeL_std", "exact_match_mean": "exact_match"}
+
+
+def eval_metrics(evals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """metrics.json's `eval` block as W&B metrics: eval/<benchmark>/<rougeL|rougeL_std|exact_match>."""
+    return {f"eval/{bench}/{name}": float(r[key]) for bench, r in evals.items() for key, name in EVAL_NAMES.items()
+            if key in r}
+
+
 class Tracker:
     """Logs scalars to `<run_dir>/train_log.jsonl` and, when configured, to W&B."""
 

@@ -45,12 +45,16 @@ def open_browser(width: int = 1400, height: int = 1100):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def screenshot(html: Path, out: Path, width: int = 1400, height: int = 1500) -> None:
-    """A PNG of the page as the browser draws it (docs/dashboard.png is made with this)."""
+def screenshot(html: Path, out: Path, width: int = 1300, height: int = 1250, cell: str | None = None) -> None:
+    """A PNG of the page as the browser draws it: its top, or with `cell` the view after a click on
+    that cell's row (docs/dashboard.png and docs/dashboard_cell.png are made with this)."""
     driver = open_browser(width, height)
     try:
         driver.get(html.resolve().as_uri())
-        driver.execute_script("document.querySelector('tr.cell-row').click()")   # show a drill-down too
+        if cell is not None:
+            row = next(r for r in driver.find_elements("css selector", "tr.cell-row")
+                       if r.find_element("css selector", "td").text == cell)
+            row.click()
         driver.save_screenshot(str(out))
     finally:
         driver.quit()
