@@ -1,4 +1,4 @@
-"""Sweep report: a sweep dir of cells -> report.md, report.csv and report.png.
+"""Sweep report: a sweep dir of cells -> report.md, report.csv, report.png and report.html.
 
 `distill-report SWEEP_DIR` reads every `<cell>/metrics.json` (schema_version 1, written by
 `distill-train`) and writes, atomically, into SWEEP_DIR:
@@ -11,7 +11,10 @@
               its error (nothing is dropped silently).
 - report.csv  the same numbers in long form (one row per benchmark x tau x objective or comparison).
 - report.png  ROUGE-L vs tau (log2 axis), one line per objective with ± 1 std error bars, SFT as
-              a level with a band, one panel per benchmark.
+              a level with a band, the teacher and the SFT warm start as reference levels
+              (`references`), one panel per benchmark.
+- report.html the same as an offline interactive dashboard with per-cell drill-down
+              (distill.dashboard).
 
 Statistics (stated in report.md too; the math lives in distill.stats): a cell's score on a
 benchmark is its `rougeL_mean`, the mean over its *evaluation* seeds. An entry is the mean of

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -182,11 +183,16 @@ def log_summary_run(sweep_dir: Path, summary: Summary, sweep: str, project: str,
 # ----------------------------------------------------------------------------- CLI (distill-dashboard wandb)
 
 def _online(args) -> bool:
+    """Publish only when asked to be online (WANDB_MODE=online) and logged in; never hang without a key."""
     if args.offline or os.environ.get("WANDB_MODE", "offline") not in ("online", "run"):
         return False
     import wandb
 
-    return bool(wandb.Api(timeout=30).api_key)   # refuses early instead of hanging without a key
+    try:
+        return bool(wandb.Api(timeout=30).api_key)
+    except wandb.errors.UsageError as e:   # "No API key configured"
+        print(f"distill-dashboard: not publishing ({e}); writing the report spec instead", file=sys.stderr)
+        return False
 
 
 def run(args) -> int:

@@ -275,7 +275,7 @@ def run_app(tmp_path, *args, extra_conf: str = ""):
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)  # 2 shared cores can be 7x slow
     return proc, sweep_dir
 
 

@@ -130,3 +130,13 @@ def test_records_from_wandb_skips_the_summary_run():
     api = types.SimpleNamespace(runs=lambda path, filters: runs)
     (cell,) = report.records_from_wandb("ent/proj", "demo", api=api)
     assert cell.status == "completed" and cell.metrics["eval"]["test"]["rougeL_mean"] == 40.0
+
+
+def test_online_without_a_login_writes_the_spec_instead_of_failing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))          # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "cfg"))
+    sweep = fixture_sweep(tmp_path)
+    assert dashboard.main(["wandb", str(sweep), "--project", "p", "--no-summary-run"]) == 0
+    assert "not publishing" in capsys.readouterr().err and (sweep / wandb_report.SPEC_FILE).is_file()
