@@ -128,8 +128,7 @@ class Tracker:
         # evaluation and validation, under their own names (summary="last" would nest them as `.last`).
         self.run.define_metric("tau")
         self.run.define_metric("eval/*", step_metric="tau")
-        if earlier:
-            self._replay_local_log()
+        self._replay_local_log()   # a resumed cell: what earlier attempts logged but W&B never got
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Append one record to the local log and send to W&B what no earlier attempt sent."""
@@ -177,8 +176,9 @@ class Tracker:
                 step = int(record.pop("step"))
             except (ValueError, KeyError, TypeError):   # a line cut by the kill
                 continue
-            if any(step > sent.get(k, -1) for k in record):
-                self._to_wandb(record, step)
+            new = {k: v for k, v in record.items() if step > sent.get(k, -1)}
+            if new and self.run is not None:
+                self._safely(lambda: self.run.log(new, step=step))  # noqa: B023 (called right here)
                 replayed += 1
             for k in record:
                 sent[k] = max(sent.get(k, -1), step)

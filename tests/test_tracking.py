@@ -188,3 +188,20 @@ def test_a_cell_never_attaches_to_another_process_wandb_service(tmp_path, monkey
     t.finish()
     assert not os.environ.get("WANDB_SERVICE", "").startswith("3-999999-")
     assert list((tmp_path / "wandb").glob("offline-run-*-svc-abc/run-svc-abc.wandb"))
+
+
+def test_steps_logged_before_wandb_was_on_reach_wandb_once(tmp_path):
+    # e.g. a cell started with logger=none, resumed with logger=wandb: W&B gets the whole history, once
+    import wandb
+
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / LOG_FILE).write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3, 2, 3))
+                                 + '{"step": 4, "train/lo')   # steps 2-3 redone after a resume; a torn last line
+    t = Tracker(_wandb_cfg(tmp_path), run_id="late", name="late", group="g", tags=[], config={}, run_dir=cell)
+    for step in (3, 4, 5):   # this attempt resumed at step 2
+        t.log({"train/loss": 1.0 / step}, step=step)
+    t.finish()
+    wandb.teardown()
+    (path,) = wandb_offline.run_files(tmp_path, "late")
+    assert [r["_step"] for r in wandb_offline.history_rows(path) if "train/loss" in r] == [1, 2, 3, 4, 5]
