@@ -60,6 +60,9 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
     assert isinstance(data, dict)
     for key in NON_RESULT_KEYS:
         _drop(data, key)
+    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
+    if (data.get("rollout") or {}).get("name", "offline") == "offline":
+        data.pop("rollout", None)
     return float_fields(data)
 
 
@@ -73,6 +76,14 @@ def float_fields(data: dict) -> dict:
     loss = data.get("loss")
     if isinstance(loss, dict) and isinstance(loss.get("kd_ratio"), (int, float)):
         loss["kd_ratio"] = float(loss["kd_ratio"])
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
+    for key in ("lmbda", "init_threshold", "loss_eps"):
+        if isinstance(rollout.get(key), int) and not isinstance(rollout.get(key), bool):
+            rollout[key] = float(rollout[key])
+    sampling = rollout.get("sampling") if isinstance(rollout.get("sampling"), dict) else {}
+    for key in ("temperature", "top_p"):
+        if isinstance(sampling.get(key), int) and not isinstance(sampling.get(key), bool):
+            sampling[key] = float(sampling[key])
     div = data.get("divergence")
     for k, v in (div.items() if isinstance(div, dict) else ()):
         if isinstance(v, int) and not isinstance(v, bool):
@@ -90,15 +101,30 @@ def _fmt_number(x: float) -> str:
     return f"{float(x):g}".replace("-", "m")
 
 
+def _rollout_tag(cfg: DictConfig) -> str | None:
+    """`onpolicy0.5`, `sgo`, `seqkd`; None for the default offline rollout (names stay as they were)."""
+    r = cfg.get("rollout") or {}
+    name = r.get("name", "offline")
+    if name == "on_policy":
+        return f"onpolicy{_fmt_number(r.lmbda)}"
+    if name == "offline":
+        return None
+    return str(name).replace("_", "")
+
+
 def cell_name(cfg: DictConfig) -> str:
-    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0) or `fkl-tau2-kd0.5-s0`."""
+    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0), `fkl-tau2-kd0.5-s0`, and with a
+    rollout other than offline `jsd-tau1-onpolicy0.5-s0`, `skl-tau1-sgo-s0`, `sft-seqkd-s0`."""
     seed = f"s{cfg.seed}"
     kd = float(cfg.loss.kd_ratio)
+    rollout = _rollout_tag(cfg)
     if kd == 0.0:
-        return f"sft-{seed}"
+        return "-".join(["sft", *([rollout] if rollout else []), seed])
     parts = [str(cfg.divergence.name), f"tau{_fmt_number(cfg.tau)}"]
     if kd != 1.0:
         parts.append(f"kd{_fmt_number(kd)}")
+    if rollout:
+        parts.append(rollout)
     parts.append(seed)
     return "-".join(parts)
 
