@@ -60,13 +60,32 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
     assert isinstance(data, dict)
     for key in NON_RESULT_KEYS:
         _drop(data, key)
-    # `tau=1` and `tau=1.0` are the same cell: numbers that are floats by meaning are hashed as floats.
+    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
+    if (data.get("rollout") or {}).get("name", "offline") == "offline":
+        data.pop("rollout", None)
+    return float_fields(data)
+
+
+def float_fields(data: dict) -> dict:
+    """Numbers that are floats by meaning (tau, loss.kd_ratio, divergence params) as floats, in place.
+
+    `tau=1` and `tau=1.0` are the same cell: they hash alike and show alike in W&B.
+    """
     if isinstance(data.get("tau"), (int, float)):
         data["tau"] = float(data["tau"])
-    if isinstance(data.get("loss", {}).get("kd_ratio"), (int, float)):
-        data["loss"]["kd_ratio"] = float(data["loss"]["kd_ratio"])
-    div = data.get("divergence", {})
-    for k, v in div.items():
+    loss = data.get("loss")
+    if isinstance(loss, dict) and isinstance(loss.get("kd_ratio"), (int, float)):
+        loss["kd_ratio"] = float(loss["kd_ratio"])
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
+    for key in ("lmbda", "init_threshold", "loss_eps"):
+        if isinstance(rollout.get(key), int) and not isinstance(rollout.get(key), bool):
+            rollout[key] = float(rollout[key])
+    sampling = rollout.get("sampling") if isinstance(rollout.get("sampling"), dict) else {}
+    for key in ("temperature", "top_p"):
+        if isinstance(sampling.get(key), int) and not isinstance(sampling.get(key), bool):
+            sampling[key] = float(sampling[key])
+    div = data.get("divergence")
+    for k, v in (div.items() if isinstance(div, dict) else ()):
         if isinstance(v, int) and not isinstance(v, bool):
             div[k] = float(v)
     return data
@@ -82,15 +101,30 @@ def _fmt_number(x: float) -> str:
     return f"{float(x):g}".replace("-", "m")
 
 
+def _rollout_tag(cfg: DictConfig) -> str | None:
+    """`onpolicy0.5`, `sgo`, `seqkd`; None for the default offline rollout (names stay as they were)."""
+    r = cfg.get("rollout") or {}
+    name = r.get("name", "offline")
+    if name == "on_policy":
+        return f"onpolicy{_fmt_number(r.lmbda)}"
+    if name == "offline":
+        return None
+    return str(name).replace("_", "")
+
+
 def cell_name(cfg: DictConfig) -> str:
-    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0) or `fkl-tau2-kd0.5-s0`."""
+    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0), `fkl-tau2-kd0.5-s0`, and with a
+    rollout other than offline `jsd-tau1-onpolicy0.5-s0`, `skl-tau1-sgo-s0`, `sft-seqkd-s0`."""
     seed = f"s{cfg.seed}"
     kd = float(cfg.loss.kd_ratio)
+    rollout = _rollout_tag(cfg)
     if kd == 0.0:
-        return f"sft-{seed}"
+        return "-".join(["sft", *([rollout] if rollout else []), seed])
     parts = [str(cfg.divergence.name), f"tau{_fmt_number(cfg.tau)}"]
     if kd != 1.0:
         parts.append(f"kd{_fmt_number(kd)}")
+    if rollout:
+        parts.append(rollout)
     parts.append(seed)
     return "-".join(parts)
 
@@ -155,15 +189,3 @@ def redact(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [redact(v) for v in data]
     return data
-
-
-def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: flat keys make W&B parallel-coordinates panels usable."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

@@ -60,7 +60,7 @@ def md_row(section, label):
 
 def test_table_numbers_best_and_difference(sweep):
     paths = report.build_report(sweep)
-    assert set(paths) == {"report.md", "report.csv", "report.png"}
+    assert set(paths) == {"report.md", "report.csv", "report.png", "report.html"}
     exp = expected_scores()
     rows = read_csv(sweep / "report.csv")
     md = (sweep / "report.md").read_text()
@@ -245,14 +245,13 @@ def test_cli_argument_errors(capsys):
 
 
 def fake_run(name, state, div, tau, seed, score):
-    """A W&B run as distill.tracking logs it: flattened resolved config and flattened summary."""
-    from distill.runs import flatten
-
-    config = flatten({"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
-                      "model": {"name": "toy"}, "data": {"name": "embedded"}})
-    summary = {} if score is None else flatten({"eval": {"test": {"rougeL_mean": score, "rougeL_std": 1.0}},
-                                                "valid": {"ce": 2.0}})
-    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, config=config, summary=summary)
+    """A W&B run as distill.tracking logs it: nested resolved config, slash-named final summary."""
+    config = {"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
+              "model": {"name": "toy"}, "data": {"name": "embedded"}}
+    summary = {} if score is None else {"eval/test/rougeL": score, "eval/test/rougeL_std": 1.0, "valid/ce": 2.0,
+                                        "eval/test/generations": {"_type": "table-file"}}
+    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, job_type="distill", config=config,
+                           summary=summary)
 
 
 def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
@@ -282,6 +281,31 @@ def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
     assert float(rows[("test", "fkl-rkl", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
     md = (out / "report.md").read_text()
     assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md
+
+
+def test_rollouts_get_their_own_rows_and_old_cells_count_as_offline(tmp_path):
+    def write(name, div, rollout, seed, score):
+        d = tmp_path / name
+        d.mkdir()
+        cell = {"divergence": div, "divergence_params": {}, "tau": 1.0, "seed": seed}
+        if rollout is not None:
+            cell["rollout"] = rollout
+        (d / "metrics.json").write_text(json.dumps({"schema_version": 1, "status": "completed", "sweep": "s",
+                                                    "cell": cell, "eval": {"b": {"rougeL_mean": score}}}))
+
+    write("fkl-old-00000001", "fkl", None, 0, 30.0)          # written before rollouts existed
+    write("fkl-new-00000002", "fkl", "offline", 1, 32.0)
+    write("rkl-new-00000003", "rkl", "offline", 0, 35.0)
+    write("jsd-onp-00000004", "jsd", "on_policy λ=0.5", 0, 40.0)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert rows[("b", "fkl (rollout=offline)", 1.0)]["n"] == "2"  # the old cell joined the new one
+    assert rows[("b", "jsd (rollout=on_policy λ=0.5)", 1.0)]["best"] == "1"
+    assert float(rows[("b", "fkl-rkl (rollout=offline)", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
+    cell = report.record_from_wandb("r", "finished", {"divergence.name": "jsd", "tau": 1, "seed": 0,
+                                                      "rollout.name": "on_policy", "rollout.lmbda": 0.5},
+                                    {"eval.b.rougeL_mean": 40.0})
+    assert cell.label_source["rollout"] == "on_policy λ=0.5"
 
 
 # ----------------------------------------------------------------------------- statistics (issue 19)
