@@ -13,6 +13,14 @@ class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem, one per line."""
 
 
+class InputError(ConfigError):
+    """Something the config points at cannot be used (a data file, a model dir, a checkpoint, the output dir).
+
+    Like a config error it is the user's to fix: the job says what was wrong and what would be right in one
+    line and exits with status 2 (the traceback goes to the cell's log).
+    """
+
+
 _STAGES = (0, 1, 2, 3)
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _IMPLS = ("plain", "chunked", "fused")
