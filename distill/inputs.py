@@ -191,3 +191,27 @@ def changes(old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str,
                 return "absent" if not fp else f"sha256 {str(fp.get('sha256'))[:12]} ({fp.get('size')} bytes, modified {fp.get('mtime')})"
             out.append(f"{role}: {show(a)} -> {show(b)}")
     return out
+
+
+def embedded_dir(cfg: Any) -> Path | None:
+    """The embedded suite's dir (generated once, under a lock) when `cfg` uses it: its files are the cell's
+    data and tokenizer, so they are fingerprinted like any data file."""
+    c = _plain(cfg)
+    if c.get("data", {}).get("kind") != "embedded":
+        return None
+    from distill.tasks import prepare_embedded
+
+    data_dir = c.get("paths", {}).get("data_dir")
+    try:
+        return prepare_embedded(c["data"], Path(data_dir))
+    except OSError as exc:
+        raise InputError(f"paths.data_dir={data_dir}: cannot write the embedded suite there "
+                         f"({exc.strerror or exc}): point paths.root (or DISTILL_OUTPUT) at a writable dir") from exc
+
+
+def locate(cfg: Any) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The run dir `distill-train` gives `cfg`, and the input fingerprints it is named by."""
+    from distill.runs import run_dir
+
+    fps = fingerprints(cfg, embedded_dir(cfg))
+    return run_dir(cfg, inputs=fps), fps

@@ -211,7 +211,9 @@ def secret_keys(data: Any, prefix: str = "") -> list[str]:
     if isinstance(data, Mapping):
         for k, v in data.items():
             key = f"{prefix}{k}"
-            if is_secret_key(str(k)) and v not in (None, "", {}, []):
+            # An env interpolation (`${oc.env:HF_TOKEN}`) keeps the secret in the environment: fine.
+            from_env = isinstance(v, str) and v.strip().startswith("${oc.env:")
+            if is_secret_key(str(k)) and v not in (None, "", {}, []) and not from_env:
                 out.append(key)
             else:
                 out += secret_keys(v, f"{key}.")
