@@ -380,3 +380,14 @@ def test_hydra_writes_nothing_of_its_own_and_the_cell_log_is_in_the_cell(tmp_pat
     assert sorted(p.name for p in (tmp_path / "adhoc").rglob("*") if p.name.startswith(".")) == []  # no .hydra*
     log = (cell / "train.log").read_text()
     assert "step 6/6 loss" in log and "step 6/6 loss" not in proc.stdout + proc.stderr  # loss lines: cell log only
+
+
+def test_truncation_side_changes_what_the_model_sees(smoke_cfg, tmp_path):
+    """Prompts longer than max_prompt_length keep their end (left) or their start (right): the two cells see
+    other tokens from the first step on (generation truncates the same way: test_evaluate.py)."""
+    common = [*FAST, "data.max_prompt_length=24", "trainer.max_steps=2", "trainer.log_every=1"]
+    left = run_cell(smoke_cfg(*common, "data.truncation_side=left", f"paths.root={tmp_path}/l"))
+    right = run_cell(smoke_cfg(*common, "data.truncation_side=right", f"paths.root={tmp_path}/r"))
+    assert left["signature"] != right["signature"]
+    first = [_log_records(Path(m["run_dir"]))[0]["train/loss"] for m in (left, right)]
+    assert first[0] != first[1]  # the same init, other tokens: another first-step loss
