@@ -138,6 +138,11 @@ def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: i
     return engine
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The tag dir of the checkpoint after `step` steps (other state, e.g. a rollout's, may be saved in it)."""
+    return Path(run_dir) / CKPT_DIR / f"step{step:08d}"
+
+
 def _allowed_globals() -> list:
     """The only non-tensor objects DeepSpeed pickles into its checkpoints (measured at ZeRO 0-3, fp32/bf16).
 
@@ -177,7 +182,7 @@ class WeightsOnlyCheckpointEngine:
 def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> None:
     """Collective save (every rank writes its shard), then rank 0 prunes all but the last `keep` tags."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    engine.save_checkpoint(str(ckpt_dir), tag=checkpoint_dir(run_dir, step).name, client_state=client_state)
     dist.barrier()
     if dist.get_rank() == 0 and keep > 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
@@ -198,7 +203,8 @@ def check_checkpoint(ckpt_dir: Path) -> str:
     if not CKPT_TAG.match(tag) or not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / 'latest'} names {tag[:40]!r}, not a checkpoint written here "
                               f"(step<8 digits> with its dir): {fix}")
-    files = sorted(p for p in (ckpt_dir / tag).iterdir() if p.is_file())
+    # DeepSpeed's files (*.pt) are pickles; other state saved in the tag dir (a rollout's) is safetensors.
+    files = sorted(p for p in (ckpt_dir / tag).iterdir() if p.is_file() and p.suffix == ".pt")
     if not files:
         raise CheckpointError(f"{ckpt_dir / tag} is empty: {fix}")
     for f in files:

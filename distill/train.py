@@ -10,8 +10,8 @@
                                  # fingerprints -> identity and run dir (a bad input stops here, nothing on disk)
     (cell lock)                  # one run per cell: a second run waits, then skips the finished cell
     cell = setup(cfg, prepared)  # run dir, tracker, teacher (frozen) or its cache, student (DeepSpeed ZeRO)
-                                 # resumed from its latest checkpoint (weights-only)
-    train_step(cell, step)       # one optimizer step: micro-batches, exact accumulation, engine.step
+                                 # resumed from its latest checkpoint (weights-only), the rollout and its state
+    train_step(cell, step)       # one optimizer step: the rollout's micro-batches, exact accumulation, engine.step
     after_step(cell, result)     # train log, validate(cell), checkpoint on their cadence; a SIGTERM/SIGUSR2
                                  # stops here: checkpoint, `interrupted`, requeue (distill.preempt)
     finish(cell)                 # final validation, HF export, generation + ROUGE-L, metrics.json
@@ -44,6 +44,7 @@ from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, locks, models, preempt, runs
 from distill import inputs as inputs_mod
+from distill import rollout as rollout_mod
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError, InputError
 from distill.config import validate as check_config
@@ -157,10 +158,12 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
         "tau_squared": bool(cfg.loss.tau_squared),
         "kd_ratio": float(cfg.loss.kd_ratio),
         "seed": int(cfg.seed),
+        "max_steps": int(cfg.trainer.max_steps),   # the training budget: ablations compare budgets
         "model": cfg.model.name,
         "teacher": cfg.model.teacher.get("path") if cfg.loss.kd_ratio > 0 else None,
         "student": cfg.model.student.get("path") or f"{cfg.model.get('arch', 'hf')}-init",
         "dataset": cfg.data.name,
+        "rollout": rollout_mod.label(cfg.get("rollout")),
         "signature": sig,
     }
 
@@ -198,6 +201,7 @@ class Cell:
     tracker: Tracker
     metrics: dict[str, Any]      # what metrics.json will hold
     progress: Progress
+    rollout: rollout_mod.Rollout  # where each step's sequences come from, with its checkpointed state
     bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
 
 
@@ -340,7 +344,8 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
     metrics = _on_rank0(lambda: metrics, rank, world)  # the same identity on every rank
     tracker = Tracker(
         cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
-        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}"],
+        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}",
+              f"rollout:{(cfg.get('rollout') or {}).get('name', 'offline')}"],
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
     )
     with _failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
@@ -353,13 +358,21 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        teacher, cache, engine = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank, world=world)
+        teacher, cache, engine, train_ex = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank,
+                                                         world=world)
         progress = _resume(engine, rdir, rank)
         if rank == 0:
             truncate_log(tracker.log_path, progress.step)  # a redone step is logged once
             metrics["attempts"][-1]["start_step"] = progress.step
         metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict()}
         val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world)
+        rollout = _rollout(cfg, tokenizer, rdir, progress.step, world=world, rank=rank)
+        if rollout.needs_initial_dev_loss and val_batches:
+            # DistiLLM's SGO compares later dev losses with the one before training (finetune.py: the first
+            # `evaluate` call before the loop).
+            val = validate_model(engine.module, teacher, val_batches, device, rank, world)
+            rollout.observe_dev_loss(val["ce"])
+            tracker.log({f"valid/{k}": v for k, v in val.items()}, step=0)
         bar = None
         if rank == 0 and cfg.trainer.progress:
             from tqdm.auto import tqdm
@@ -370,7 +383,7 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
         engine.train()
     return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, splits=splits, tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
-                tracker=tracker, metrics=metrics, progress=progress, bar=bar)
+                tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar)
 
 
 def _open_run_dir(cfg: DictConfig, rdir: Path, rank: int) -> Path:
@@ -461,24 +474,48 @@ def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
 
 
 def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
-                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any]:
-    """(teacher, teacher cache, student engine). The teacher is frozen, in eval mode, outside DeepSpeed;
-    there is none at all for SFT (kd_ratio=0)."""
+                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any, list[dict]]:
+    """(teacher, teacher cache, student engine, training examples). The teacher is frozen, in eval mode,
+    outside DeepSpeed; there is none at all for SFT (kd_ratio=0). With rollout=seq_kd the training examples
+    are the teacher's cached samples (and the teacher cache, if any, is computed on those)."""
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
     teacher = cache = None
+
+    def load_teacher() -> torch.nn.Module:
+        model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
+        return model.requires_grad_(False).eval().to(device)
+
     if cfg.loss.kd_ratio > 0:
-        teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
-        teacher.requires_grad_(False).eval().to(device)
+        teacher = load_teacher()
         models.check_vocab(student, teacher, tokenizer)
+    if (cfg.get("rollout") or {}).get("name") == "seq_kd":
+        train_ex = rollout_mod.seq_kd_examples(
+            Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
+            load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
+        )
     if teacher is not None and cfg.loss.teacher_cache:
         cache = TeacherCache.build_or_load(
             Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
             batch_size=int(tcfg.micro_batch_size), topk=cfg.loss.get("teacher_cache_topk"), device=device,
             dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
         )
-    return teacher, cache, eng.initialize(student, tcfg, world)
+    return teacher, cache, eng.initialize(student, tcfg, world), train_ex
+
+
+def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, *, world: int, rank: int) -> rollout_mod.Rollout:
+    """The cell's rollout; when resuming, with the replay buffer, threshold and counters of the checkpoint."""
+    rollout = rollout_mod.Rollout(
+        cfg.get("rollout") or {"name": "offline"}, seed=int(cfg.seed), max_steps=int(cfg.trainer.max_steps),
+        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=int(cfg.data.max_length),
+        # ZeRO-3 gathers parameters inside every forward: ranks must keep stepping until all finished generating
+        synced_gpus=int(cfg.trainer.zero_stage) == 3 and world > 1,
+    )
+    if step > 0 and rollout.stateful:
+        rollout.load(eng.checkpoint_dir(rdir, step), rank)
+    return rollout
 
 
 def _resume(engine, rdir: Path, rank: int) -> Progress:
@@ -511,14 +548,16 @@ def _no_lap(segment: str) -> None:
 
 
 def sample_batches(cell: Cell, step: int) -> list[dict]:
-    """This rank's `grad_accum` micro-batches of `step`, collated, each with its example ids."""
+    """This rank's `grad_accum` micro-batches of `step`, as the rollout supplies them, collated. Micro-batches of
+    training examples carry their example ids; generated or replayed ones do not (the live teacher scores them)."""
     tcfg, n = cell.cfg.trainer, len(cell.train_examples)
+    ids = [sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
+                          grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed)) for m in range(int(tcfg.grad_accum))]
+    policy = cell.engine.module if cell.rollout.samples_student else None
     out = []
-    for m in range(int(tcfg.grad_accum)):
-        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
-                             grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed))
-        batch = data_mod.collate_train([cell.train_examples[i] for i in idx], cell.tokenizer.pad_token_id)
-        out.append({**batch, EXAMPLE_IDS: torch.tensor(idx)})
+    for mb in cell.rollout.micro_batches(step, ids, cell.train_examples, policy, cell.rank):
+        batch = data_mod.collate_train(mb.examples, cell.tokenizer.pad_token_id)
+        out.append(batch if mb.example_ids is None else {**batch, EXAMPLE_IDS: torch.tensor(mb.example_ids)})
     return out
 
 
@@ -589,11 +628,15 @@ def after_step(cell: Cell, result: dict[str, Any], lock: locks.CellLock | None =
     if done % int(tcfg.log_every) == 0 or done == max_steps:
         _log_train(cell, result["parts"])
     if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and cell.val_batches:
-        cell.tracker.log({f"valid/{k}": v for k, v in validate(cell).items()}, step=done)
+        val = validate(cell)
+        cell.rollout.observe_dev_loss(val["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
+        cell.tracker.log({f"valid/{k}": v for k, v in val.items()}, step=done)
     stop = _stop_requested(cell, lock)
     if isinstance(stop, LockLost):
         raise stop  # another run owns the dir now: write nothing more
     if stop is not None or (int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps):
+        if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
+            cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
         eng.save_checkpoint(cell.engine, cell.run_dir, done, _checkpoint_state(cell), keep=int(tcfg.keep_ckpts))
     if cell.bar is not None:
         cell.bar.update(1)
@@ -635,7 +678,8 @@ def _log_train(cell: Cell, parts: dict[str, float]) -> None:
     tps = (p.tokens - p.tokens_at_start) / max(time.time() - p.t_start, 1e-9)
     lr = cell.engine.get_lr()[0]
     cell.tracker.log({"train/loss": step_loss, "train/lr": lr, "train/tokens": p.tokens,
-                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()}}, step=p.step)
+                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()},
+                      **cell.rollout.log_values()}, step=p.step)
     cell.metrics["train"]["final_loss"] = step_loss
     cell_log.info("step %d/%d loss %.6f lr %.3g tokens %d tok/s %.0f", p.step, int(cell.cfg.trainer.max_steps),
                   step_loss, lr, p.tokens, tps)
@@ -664,8 +708,8 @@ def finish(cell: Cell) -> dict[str, Any]:
         m["attempts"][-1].update(end_step=p.step, time_s=round(train_time, 3))
     m["valid"] = validate(cell)
     m["train"].update(steps=int(tcfg.max_steps), tokens=p.tokens, time_s=round(p.time_before + train_time, 3),
-                      tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9),
-                      attempts=len(m.get("attempts") or [1]))
+                      rollout=cell.rollout.summary(), attempts=len(m.get("attempts") or [1]),
+                      tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
     student_dir = cell.run_dir / "student"
     eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)

@@ -38,6 +38,7 @@ def test_smoke_cell_end_to_end(smoke_cfg):
     d, fps = inputs.locate(cfg)
     assert m["status"] == "completed" and runs.read_metrics(d) == json.loads(json.dumps(m))
     assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0
+    assert m["cell"]["max_steps"] == 6   # the budget is part of what a report compares
     assert m["signature"] == runs.signature(cfg, inputs=fps) and m["config_signature"] == runs.signature(cfg)
     assert m["inputs"] == fps and set(fps) == {"data.embedded"} and m["host"] and m["pid"]
     assert [a["status"] for a in m["attempts"]] == ["completed"] and m["attempts"][0]["start_step"] == 0
