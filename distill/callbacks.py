@@ -9,6 +9,9 @@ Enable in the root config:
         preemption:
           _target_: distill.callbacks.PreemptionCallback
 
+The report includes report.html, the offline dashboard. At the end of a multirun whose cells log to W&B,
+the sweep's report is also logged to the sweep's W&B summary run (distill.wandb_report).
+
 Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
 cells is exactly what one wants then. So the report is also rebuilt at the end of every job
 (`on_job_end`, rank 0 only); with a submitit launcher that runs inside each array task, and a
@@ -62,7 +65,7 @@ def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Pa
 
 
 class ReportCallback(Callback):
-    """Write report.md/.csv/.png into hydra.sweep.dir after each job and at the end of a multirun."""
+    """Write report.md/.csv/.png/.html into hydra.sweep.dir after each job and at the end of a multirun."""
 
     def __init__(self, after_each_job: bool = True) -> None:
         self.after_each_job = after_each_job
@@ -75,7 +78,30 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         md = refresh_report(config.hydra.sweep.dir)
         if md is not None:
-            log.info("Sweep report: %s", md)
+            log.info("Sweep report: %s (dashboard: report.html)", md)
+            log_summary_run(config)
+
+
+def log_summary_run(config: DictConfig) -> None:
+    """Log the sweep's report to its W&B summary run, when the cells log to W&B; log (never raise) on failure.
+
+    Only at the end of a multirun: one summary-run attempt per sweep run, not one per cell. When a cell
+    failed, Hydra skips this; `distill-dashboard wandb SWEEP_DIR --project P` logs it then.
+    """
+    logger = config.get("logger") or {}
+    mode = str(logger.get("mode") or "offline")
+    if logger.get("name") != "wandb" or mode == "disabled":
+        return
+    from distill.report import scan_sweep, summarize
+    from distill.wandb_report import log_summary_run as log_run
+
+    root = Path(config.hydra.sweep.dir)
+    try:
+        log_run(root, summarize(scan_sweep(root)), str(config.sweep_name), str(logger.get("project") or "distill"),
+                logger.get("entity"), mode)
+    except Exception as e:  # the sweep's results are on disk; its W&B summary must not fail the multirun
+        log.error("W&B summary run of %s failed: %s: %s (rerun: distill-dashboard wandb %s --project %s)",
+                  root, type(e).__name__, e, root, logger.get("project"))
 
 
 class PreemptionCallback(Callback):

@@ -60,24 +60,32 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
     assert isinstance(data, dict)
     for key in NON_RESULT_KEYS:
         _drop(data, key)
-    # `tau=1` and `tau=1.0` are the same cell: numbers that are floats by meaning are hashed as floats.
+    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
+    if (data.get("rollout") or {}).get("name", "offline") == "offline":
+        data.pop("rollout", None)
+    return float_fields(data)
+
+
+def float_fields(data: dict) -> dict:
+    """Numbers that are floats by meaning (tau, loss.kd_ratio, divergence params) as floats, in place.
+
+    `tau=1` and `tau=1.0` are the same cell: they hash alike and show alike in W&B.
+    """
     if isinstance(data.get("tau"), (int, float)):
         data["tau"] = float(data["tau"])
-    if isinstance(data.get("loss", {}).get("kd_ratio"), (int, float)):
-        data["loss"]["kd_ratio"] = float(data["loss"]["kd_ratio"])
-    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
-    rollout = data.get("rollout") or {}
-    if rollout.get("name", "offline") == "offline":
-        data.pop("rollout", None)
+    loss = data.get("loss")
+    if isinstance(loss, dict) and isinstance(loss.get("kd_ratio"), (int, float)):
+        loss["kd_ratio"] = float(loss["kd_ratio"])
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
     for key in ("lmbda", "init_threshold", "loss_eps"):
         if isinstance(rollout.get(key), int) and not isinstance(rollout.get(key), bool):
             rollout[key] = float(rollout[key])
+    sampling = rollout.get("sampling") if isinstance(rollout.get("sampling"), dict) else {}
     for key in ("temperature", "top_p"):
-        sampling = rollout.get("sampling") or {}
         if isinstance(sampling.get(key), int) and not isinstance(sampling.get(key), bool):
             sampling[key] = float(sampling[key])
-    div = data.get("divergence", {})
-    for k, v in div.items():
+    div = data.get("divergence")
+    for k, v in (div.items() if isinstance(div, dict) else ()):
         if isinstance(v, int) and not isinstance(v, bool):
             div[k] = float(v)
     return data
@@ -181,15 +189,3 @@ def redact(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [redact(v) for v in data]
     return data
-
-
-def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: flat keys make W&B parallel-coordinates panels usable."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

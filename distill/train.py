@@ -43,6 +43,7 @@ from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError
 from distill.config import validate as check_config
 from distill.teacher_cache import TeacherCache
+from distill import tracking
 from distill.tracking import Tracker
 
 log = logging.getLogger("distill.train")
@@ -214,8 +215,12 @@ def setup(cfg: DictConfig) -> Cell:
     rank, world, device = init_process(cfg)
     rdir = _open_run_dir(cfg, rank)
     metrics = _initial_metrics(cfg, rdir)
+    run_id = tracking.run_id(cfg.sweep_name, metrics["name"], metrics["signature"])
+    if cfg.force:  # a forced rerun replaces the cell's result: a new W&B run, not more steps of the old one
+        run_id += time.strftime("-force%Y%m%d%H%M%S")
     tracker = Tracker(
-        cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
+        cfg.logger, run_id=run_id, name=metrics["name"], group=cfg.sweep_name,
+        job_type=tracking.job_type(cfg.loss.kd_ratio, cfg.logger.get("job_type")),
         tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}",
               f"rollout:{(cfg.get('rollout') or {}).get('name', 'offline')}"],
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
@@ -261,6 +266,7 @@ def _open_run_dir(cfg: DictConfig, rank: int) -> Path:
     if rank == 0:
         if cfg.force:
             shutil.rmtree(rdir / eng.CKPT_DIR, ignore_errors=True)
+            (rdir / tracking.LOG_FILE).unlink(missing_ok=True)   # the log of the result being replaced
         rdir.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(rdir / "config.yaml", OmegaConf.to_yaml(runs.redact(OmegaConf.to_container(cfg, resolve=True))))
     dist.barrier()
@@ -516,9 +522,10 @@ def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
     )
     m.update(status="completed", updated_at=runs.now_iso())
-    cell.tracker.log({f"valid/{k}": v for k, v in m["valid"].items()}, step=max_steps)
-    cell.tracker.log({f"eval/{b}/rougeL": r["rougeL_mean"] for b, r in m["eval"].items()}, step=max_steps)
-    cell.tracker.summary({"eval": m["eval"], "valid": m["valid"], "train": m["train"]})
+    gens = {b: evaluate.read_generations(cell.run_dir / "generations", b) for b in m["eval"]}
+    cell.tracker.log_final({**{f"valid/{k}": v for k, v in m["valid"].items()}, **tracking.eval_metrics(m["eval"])},
+                           step=max_steps, tau=float(cfg.tau), generations=gens)
+    cell.tracker.summary({f"train/{k}": v for k, v in m["train"].items() if isinstance(v, (int, float))})
     runs.atomic_write_json(cell.run_dir / runs.METRICS_FILE, m)
     if not cfg.trainer.keep_final_ckpt:
         shutil.rmtree(cell.run_dir / eng.CKPT_DIR, ignore_errors=True)

@@ -60,7 +60,7 @@ def md_row(section, label):
 
 def test_table_numbers_best_and_difference(sweep):
     paths = report.build_report(sweep)
-    assert set(paths) == {"report.md", "report.csv", "report.png"}
+    assert set(paths) == {"report.md", "report.csv", "report.png", "report.html"}
     exp = expected_scores()
     rows = read_csv(sweep / "report.csv")
     md = (sweep / "report.md").read_text()
@@ -245,14 +245,13 @@ def test_cli_argument_errors(capsys):
 
 
 def fake_run(name, state, div, tau, seed, score):
-    """A W&B run as distill.tracking logs it: flattened resolved config and flattened summary."""
-    from distill.runs import flatten
-
-    config = flatten({"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
-                      "model": {"name": "toy"}, "data": {"name": "embedded"}})
-    summary = {} if score is None else flatten({"eval": {"test": {"rougeL_mean": score, "rougeL_std": 1.0}},
-                                                "valid": {"ce": 2.0}})
-    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, config=config, summary=summary)
+    """A W&B run as distill.tracking logs it: nested resolved config, slash-named final summary."""
+    config = {"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
+              "model": {"name": "toy"}, "data": {"name": "embedded"}}
+    summary = {} if score is None else {"eval/test/rougeL": score, "eval/test/rougeL_std": 1.0, "valid/ce": 2.0,
+                                        "eval/test/generations": {"_type": "table-file"}}
+    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, job_type="distill", config=config,
+                           summary=summary)
 
 
 def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):

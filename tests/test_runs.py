@@ -78,8 +78,12 @@ def test_redact_drops_secrets_recursively():
     assert runs.redact(data) == {"logger": {"project": "p"}, "model": {"path": "gpt2"}, "list": [{"ok": 2}]}
 
 
-def test_flatten():
-    assert runs.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+def test_float_fields_make_tau_and_ratios_floats_but_leave_flags_alone():
+    data = {"tau": 2, "loss": {"kd_ratio": 1, "tau_squared": True}, "divergence": {"name": "jsd", "beta": 1, "x": True}}
+    out = runs.float_fields(data)
+    assert out["tau"] == 2.0 and isinstance(out["tau"], float) and isinstance(out["loss"]["kd_ratio"], float)
+    assert isinstance(out["divergence"]["beta"], float) and out["divergence"]["x"] is True
+    assert out["loss"]["tau_squared"] is True
 
 
 def test_result_config_resolves_interpolations():

@@ -207,8 +207,16 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
     for bench, ev in ref["eval"].items():
         assert m["eval"][bench]["rougeL_mean"] == pytest.approx(ev["rougeL_mean"], abs=1.0), bench
 
-    # both attempts logged to one W&B run: the id is the cell's name-signature
-    run_id = f"{m['name']}-{m['signature']}"
-    runs = sorted((out / "wandb").glob("offline-run-*"))
+    # both attempts logged to one W&B run (id = sweep-name-signature) in the sweep's own W&B folder,
+    # and together they hold every logged step once (what `wandb sync` of the folder uploads)
+    from distill import tracking, wandb_offline
+
+    run_id = tracking.run_id(sweep_name, m["name"], m["signature"])
+    runs = sorted((out / sweep_name / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2, runs  # one local run dir per attempt
     assert all(r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").exists() for r in runs), runs
+    files = wandb_offline.run_files(out / sweep_name, run_id)
+    logged = [r["_step"] for f in files for r in wandb_offline.history_rows(f) if "train/loss" in r]
+    local = {json.loads(line)["step"] for line in (cell / "train_log.jsonl").read_text().splitlines()
+             if "train/loss" in line}
+    assert sorted(logged) == sorted(local), (sorted(logged), sorted(local))

@@ -120,19 +120,44 @@ def test_sft_mode_loads_no_teacher(smoke_cfg, monkeypatch):
     assert "fkl" not in m["valid"] and m["valid"]["ce"] > 0
 
 
-def test_wandb_offline_run_holds_the_metrics(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
-    m = run_cell(cfg)
-    run_id = f"{m['name']}-{m['signature']}"
+def test_wandb_run_of_a_resumed_cell_holds_every_step_once(smoke_cfg, monkeypatch):
     import wandb
 
+    from distill import train, tracking, wandb_offline
+
+    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
+    real_after_step = train.after_step
+
+    def die_after_step_4(cell, result):   # step 4 is logged, the last checkpoint is at step 3
+        real_after_step(cell, result)
+        if result["step"] == 4:
+            raise RuntimeError("killed after step 4")
+
+    monkeypatch.setattr(train, "after_step", die_after_step_4)
+    with pytest.raises(RuntimeError, match="killed after step 4"):
+        run_cell(cfg)
+    monkeypatch.setattr(train, "after_step", real_after_step)
+    m = run_cell(cfg)                      # resumes at step 3, so it trains and logs step 4 again
+    assert m["train"]["resumed_from_step"] == 3
     # In a process that already hosts a W&B service (earlier in-process runs of the suite), the
     # service may still be writing the finished run's records; teardown waits until they are on disk.
     wandb.teardown()
-    found = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(found) == 1
-    blob = found[0].read_bytes()
-    assert b"eval/test/rougeL" in blob and b"train/loss" in blob and b"wb" in blob  # metrics + group
+    rid = tracking.run_id("wb", m["name"], m["signature"])
+    files = wandb_offline.run_files(Path(cfg.paths.sweep_dir), rid)   # the sweep's own W&B folder
+    assert len(files) == 2
+
+    def steps(key):
+        return sorted(r["_step"] for f in files for r in wandb_offline.history_rows(f) if key in r)
+
+    # synced, the two attempts append into one run: every metric at every step once
+    assert steps("train/loss") == [2, 4, 6] and steps("valid/ce") == [3, 6] and steps("eval/test/rougeL") == [6]
+    info, config = wandb_offline.run_info(files[-1])
+    assert (info["job_type"], info["group"]) == ("distill", "wb") and config["tau"] == 1.0
+    summary = wandb_offline.final_summary(files[-1])
+    assert summary["eval/test/rougeL"] == pytest.approx(m["eval"]["test"]["rougeL_mean"])
+    assert summary["valid/fkl"] == pytest.approx(m["valid"]["fkl"]) and summary["tau"] == 1.0
+    assert summary["eval/test/generations"]["_type"] == "table-file" and summary["train/steps"] == 6
+    assert not [k for k in summary if "." in k]
 
 
 def test_pretrained_teacher_and_warm_start_from_a_previous_cell(smoke_cfg, tmp_path):
