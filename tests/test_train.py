@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill import engine as eng
-from distill import runs
-from distill import train
+from distill import inputs, runs, train
 from distill.train import run_cell, sample_indices
 
 
@@ -36,10 +35,16 @@ def test_sample_indices_cover_each_epoch_once_and_split_ranks():
 def test_smoke_cell_end_to_end(smoke_cfg):
     cfg = smoke_cfg("divergence=rkl", "tau=2")
     m = run_cell(cfg)
-    d = runs.run_dir(cfg)
+    d, fps = inputs.locate(cfg)
     assert m["status"] == "completed" and runs.read_metrics(d) == json.loads(json.dumps(m))
-    assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0 and m["signature"] == runs.signature(cfg)
+    assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0
     assert m["cell"]["max_steps"] == 6   # the budget is part of what a report compares
+    assert m["signature"] == runs.signature(cfg, inputs=fps) and m["config_signature"] == runs.signature(cfg)
+    assert m["inputs"] == fps and set(fps) == {"data.embedded"} and m["host"] and m["pid"]
+    assert [a["status"] for a in m["attempts"]] == ["completed"] and m["attempts"][0]["start_step"] == 0
+    assert m["train"]["attempts"] == 1
+    log = (d / "train.log").read_text()
+    assert "step 6/6 loss" in log and log.count(" loss ") >= 3  # the cell's own log, with its loss lines
     assert m["train"]["steps"] == 6 and m["train"]["tokens"] > 0 and m["train"]["tokens_per_s"] > 0
     assert set(m["eval"]) == set(cfg.data.benchmarks)
     for result in m["eval"].values():
@@ -99,7 +104,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after checkpoint at step 3"):
         run_cell(cfg)
-    assert runs.read_metrics(runs.run_dir(cfg))["status"] == "failed"
+    assert runs.read_metrics(inputs.locate(cfg)[0])["status"] == "failed"
     monkeypatch.setattr(eng, "save_checkpoint", real_save)
     resumed = run_cell(cfg)
     assert resumed["train"]["resumed_from_step"] == 3
