@@ -142,7 +142,8 @@ def test_a_failure_in_setup_is_recorded(smoke_cfg, monkeypatch):
     cfg = smoke_cfg()
     with pytest.raises(RuntimeError, match="no such architecture"):
         run_cell(cfg)
-    m = runs.read_metrics(runs.run_dir(cfg))
+    [metrics_file] = Path(cfg.paths.sweep_dir).glob("*/metrics.json")  # the cell dir also names its inputs
+    m = json.loads(metrics_file.read_text())
     assert m["status"] == "failed" and m["error"] == "RuntimeError: no such architecture"
 
 
