@@ -174,6 +174,14 @@ def _batch_values(teacher: torch.nn.Module, batch: dict, kind: str, topk: int | 
             "tail_mass": (1.0 - top.exp().sum(-1)).clamp_min(0.0).cpu()}
 
 
+def rebuild_topk(top: torch.Tensor, ids: torch.Tensor, tail_mass: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Log-probs [n, V] from the top-k form: the k cached log-probs at their ids, the tail mass spread evenly
+    over the other V - k tokens (what a cell trains on; approximate)."""
+    tail = (tail_mass / (vocab_size - top.shape[1])).clamp_min(1e-30).log()
+    out = tail[:, None].expand(top.shape[0], vocab_size).clone()
+    return out.scatter_(1, ids.long(), top)
+
+
 def _dummy_forward(teacher: torch.nn.Module, device: torch.device) -> None:
     """A one-token forward: keeps a ZeRO-3 teacher's collective forwards in step across ranks."""
     with torch.no_grad():
@@ -415,11 +423,8 @@ class TeacherCache:
         values = self._slice(shard, "values", lo, hi)
         if self.kind != "topk":
             return values
-        ids = self._slice(shard, "topk_ids", lo, hi).long()
-        tail_mass = self._slice(shard, "tail_mass", lo, hi)
-        tail = (tail_mass / (self.vocab_size - self.topk)).clamp_min(1e-30).log()
-        out = tail[:, None].expand(hi - lo, self.vocab_size).clone()
-        return out.scatter_(1, ids, values)
+        return rebuild_topk(values, self._slice(shard, "topk_ids", lo, hi), self._slice(shard, "tail_mass", lo, hi),
+                            self.vocab_size)
 
     def _batch(self, example_ids: Sequence[int], labels: torch.Tensor, width: int, dtype: torch.dtype):
         mask = response_positions(labels.cpu())
