@@ -4,7 +4,9 @@
     2. warm start    SFT of the 2-layer student: the anchors start students from SFT, since pure RKL
                      from a random init collapses and would make the comparison an artefact
     3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start (sweeps/demo.yaml),
-                     submitit's local launcher, two cells at a time (one per core), teacher cached once
+                     submitit's local launcher, two cells at a time (one per core), teacher cached once;
+                     then the fair baseline: SFT continued from the same warm start for the same steps,
+                     one cell per seed (sweeps/demo_sft.yaml), the report's `sft` row
     4. the report    <root>/demo/report.{md,csv,png}
 
 Every stage is `distill-train` itself, so a second run finds the finished teacher, warm start and cells
@@ -26,11 +28,12 @@ from distill.train import CONF_DIR
 # Scale presets: experiment presets put under every stage's own, overrides for every stage, and the
 # sweep grid (command-line sweeps take precedence over the sweep file's).
 SCALES = {
-    "full": {"base": ["demo"], "overrides": [], "grid": []},
+    "full": {"base": ["demo"], "overrides": [], "grid": [], "baseline_grid": []},
     "ci": {
         "base": ["demo", "smoke"],
         "overrides": ["trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.progress=false"],
         "grid": ["divergence=fkl,rkl,jsd", "tau=1.0,2.0", "seed=0"],
+        "baseline_grid": ["seed=0"],
     },
 }
 
@@ -108,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         "-m", "+sweep=demo", experiments(*scale["base"]), f"paths.root={root}", *scale["overrides"],
         f"model.teacher.path={teacher}", f"model.student.path={student}",
         "hydra/launcher=local", f"hydra.sweeper.max_batch_size={args.parallel}", *scale["grid"],
+    ])
+    # the fair baseline: the same steps of plain SFT from the same warm start (no teacher, tau moot)
+    run_job([
+        "-m", "+sweep=demo_sft", experiments(*scale["base"]), f"paths.root={root}", *scale["overrides"],
+        f"model.student.path={student}", "hydra/launcher=local", f"hydra.sweeper.max_batch_size={args.parallel}",
+        *scale["baseline_grid"],
     ])
     print(f"== 3/4 done ({time.time() - t_sweep:.0f} s)", flush=True)
 

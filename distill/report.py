@@ -221,9 +221,11 @@ def objectives(cells: Iterable[Cell]) -> dict[str, Objective]:
     skip = {"divergence", "divergence_params", "tau", "seed"}
 
     def varying(group: list[Cell], ignore: Iterable[str] = ()) -> list[str]:
-        # a field varies if it takes two values (absent counts as a value) across the group
+        # a field varies if it takes two values across the cells that record it: a field that newer
+        # code added (e.g. max_steps) does not split a sweep whose older cells lack it
         keys = sorted({k for c in group for k in c.label_source} - skip - set(ignore))
-        return [k for k in keys if len({json.dumps(c.label_source.get(k), sort_keys=True) for c in group}) > 1]
+        return [k for k in keys
+                if len({json.dumps(c.label_source[k], sort_keys=True) for c in group if k in c.label_source}) > 1]
 
     sft = [c for c in done if c.label_source["divergence"] == SFT]
     distilled = [c for c in done if c.label_source["divergence"] != SFT]

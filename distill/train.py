@@ -162,6 +162,7 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
         "tau_squared": bool(cfg.loss.tau_squared),
         "kd_ratio": float(cfg.loss.kd_ratio),
         "seed": int(cfg.seed),
+        "max_steps": int(cfg.trainer.max_steps),   # the training budget: ablations compare budgets
         "model": cfg.model.name,
         "teacher": cfg.model.teacher.get("path") if cfg.loss.kd_ratio > 0 else None,
         "student": cfg.model.student.get("path") or f"{cfg.model.get('arch', 'hf')}-init",

@@ -390,3 +390,27 @@ def test_plot_caption_says_what_the_error_bars_are(tmp_path):
     summary = report.summarize(report.scan_sweep(tmp_path))
     caption = report.plot_caption(summary, "stat")
     assert "± 1 sample std over training seeds (not a CI)" in caption and "n = 5" in caption
+
+
+def test_budget_splits_rows_and_an_older_cell_without_it_does_not(tmp_path):
+    def write(name, div, seed, score, **extra):
+        d = tmp_path / name
+        d.mkdir()
+        cell = {"divergence": div, "tau": 1.0, "seed": seed, "kd_ratio": 0.0 if div == "sft" else 1.0, **extra}
+        m = {"schema_version": 1, "status": "completed", "cell": cell, "eval": {"b": {"rougeL_mean": score}}}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    write("fkl-tau1-s0-00000001", "fkl", 0, 30.0)                       # written before max_steps was recorded
+    write("fkl-tau1-s1-00000002", "fkl", 1, 32.0, max_steps=150)
+    write("sft-s0-00000003", "sft", 0, 20.0, max_steps=150)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert rows[("b", "fkl", 1.0)]["n"] == "2"
+    write("fkl-tau1-s0-00000004", "fkl", 0, 40.0, max_steps=450)
+    write("sft-s0-00000005", "sft", 0, 25.0, max_steps=450)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert float(rows[("b", "fkl (max_steps=450)", 1.0)]["rougeL_mean"]) == 40.0
+    assert rows[("b", "fkl (max_steps=150)", 1.0)]["n"] == "1"
+    # each budget is compared with the SFT baseline of the same budget
+    assert float(rows[("b", "fkl (max_steps=450) - sft (max_steps=450)", 1.0)]["rougeL_mean"]) == 15.0
