@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402
+from bench_losses import _reset_peak, _status_kib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL = {"hidden": 1600, "vocab": 50257, "layers": 48, "heads": 25}
@@ -62,28 +63,24 @@ PAD = 50256  # GPT-2's <|endoftext|>, its usual pad
 # models and data
 
 
-def teacher_model(layers: int, seq: int):
+def gpt2(n_embd: int, n_head: int, layers: int, seq: int, seed: int):
+    """A GPT-2 of this width and depth on GPT-2's vocabulary (no dropout, single-op tanh GELU, like the toys)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(1)
-    cfg = GPT2Config(n_layer=layers, n_embd=GPT2_XL["hidden"], n_head=GPT2_XL["heads"], vocab_size=GPT2_XL["vocab"],
-                     n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     activation_function="gelu_pytorch_tanh")
-    model = GPT2LMHeadModel(cfg)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=n_embd, n_head=n_head, vocab_size=GPT2_XL["vocab"],
+                                       n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       activation_function="gelu_pytorch_tanh"))
     model.config.use_cache = False
-    return model.requires_grad_(False).eval()
+    return model
+
+
+def teacher_model(layers: int, seq: int):
+    return gpt2(GPT2_XL["hidden"], GPT2_XL["heads"], layers, seq, seed=1).requires_grad_(False).eval()
 
 
 def student_model(layers: int, seq: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=layers, n_embd=GPT2["hidden"], n_head=GPT2["heads"], vocab_size=GPT2_XL["vocab"],
-                     n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     activation_function="gelu_pytorch_tanh")
-    model = GPT2LMHeadModel(cfg)
-    model.config.use_cache = False
-    return model
+    return gpt2(GPT2["hidden"], GPT2["heads"], layers, seq, seed=0)
 
 
 def examples(n: int, seq: int, prompt: int, seed: int = 0) -> list[dict]:
@@ -253,14 +250,6 @@ def step_time(args, tmp: Path) -> list[str]:
 # (3) memory, one configuration per pair of processes
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def memory_worker(args) -> None:
     """Under torchrun: one configuration (--stage, --impl, --shard); each rank writes its numbers to --out."""
     import contextlib
@@ -289,8 +278,7 @@ def memory_worker(args) -> None:
     engine.train()
     cell = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), cache=cache, engine=engine, teacher=teacher)
     setup_kib = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
+    _reset_peak()  # VmHWM back to the current RSS
     for step in range(2):
         ids = [(step * world + rank) * args.batch + i for i in range(args.batch)]
         batch = collate_train([exs[i] for i in ids], PAD)
