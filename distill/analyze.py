@@ -6,7 +6,7 @@ We measure it directly. For student logits S and teacher logits T [N, V] and eac
 (objective, tau) we take G = d D_tau(S, T) / dS per position (autograd through
 `distill.losses.divergence_per_token`, no tau^2), split every row into the teacher's top-k
 tokens ("dominant"; top-k of p_tau is the same set at every tau because softmax is monotone)
-and the rest, and report, as means over positions:
+and the rest, and report, as means over positions (norm_ratio: median):
 
   share          ||G_rest|| / ||G||        (norm share, in [0, 1])
   share_sq       ||G_rest||^2 / ||G||^2    (energy share; dominant + rest energies add to 1)
@@ -16,7 +16,8 @@ and the rest, and report, as means over positions:
   grad_norm_tau2 tau^2 ||G||               (scale with Hinton's tau^2 factor, as trained
                                             with loss.tau_squared=true)
   cos_tau1       cos(G_tau, G_1)           (direction: 1 = tau only rescales the update)
-  norm_ratio     ||G_tau|| / ||G_1||       (scale; 1/tau^2 is what tau^2 compensates exactly)
+  norm_ratio     ||G_tau|| / ||G_1||       (scale, median over positions; 1/tau^2 is what tau^2
+                                            compensates exactly)
   norm_ratio_tau2 tau^2 ||G_tau|| / ||G_1|| (scale as trained with loss.tau_squared=true)
 
 A share alone cannot tell "enriched" from "rescaled": a pure rescaling G_tau = c G_1 keeps every
@@ -201,7 +202,8 @@ def analyze_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *
         for tau in taus:
             cat = {k: torch.cat(v) for k, v in acc[tau].items()}
             grad_norm = cat["norm"].mean().item()
-            ratio = cat["ratio"].nanmean().item()
+            # median, not mean: where G_1 is tiny (student ~ teacher at tau=1) single ratios explode
+            ratio = cat["ratio"].nanmedian().item()
             rows.append({
                 "objective": objective, "tau": tau, "topk": topk, "n_positions": n,
                 "n_zero": int(cat["share"].isnan().sum()),
@@ -270,7 +272,7 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Gradient ana
         "share = ||G_rest||/||G||, share_sq = ||G_rest||^2/||G||^2 (rest = outside the teacher's top-k; "
         "positions with a numerically zero G are left out of the shares and counted in n_zero);\n"
         "cos_tau1 = cos(G_tau, G_1) per position (direction: 1 = tau only rescales the update), "
-        "norm_ratio = ||G_tau|| / ||G_1|| per position (scale; 1/tau^2 = exactly what the tau^2 factor undoes), "
+        "norm_ratio = median over positions of ||G_tau|| / ||G_1|| (scale; 1/tau^2 = exactly what the tau^2 factor undoes), "
         "norm_ratio_tau2 = tau^2 norm_ratio;\n"
         "teacher_tail / student_tail = mass of p_tau / q_tau outside the teacher's top-k; "
         "grad_norm = ||G||, grad_norm_tau2 = tau^2 ||G||.\n"
@@ -307,7 +309,7 @@ def plot_png(rows: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
     ax_cos.set_title(r"Direction: 1 = $\tau$ only rescales the update")
     ax_ratio.plot(taus, [t**-2 for t in taus], color="black", linestyle=":", label=r"$1/\tau^2$ ($\tau^2$ undoes it)")
     ax_ratio.set_yscale("log", base=2)
-    ax_ratio.set_ylabel(r"$\|G_\tau\| / \|G_1\|$, mean over positions")
+    ax_ratio.set_ylabel(r"$\|G_\tau\| / \|G_1\|$, median over positions")
     ax_ratio.set_title(r"Scale relative to $\tau = 1$ (no $\tau^2$)")
     ax_ratio.legend(fontsize=8, ncol=2)
     first = [r for r in rows if r["objective"] == objectives[0]]

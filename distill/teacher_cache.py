@@ -39,13 +39,13 @@ import logging
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from filelock import FileLock
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from distill import runs
 
@@ -230,6 +230,23 @@ def _join(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if name != "counts":
             out[name] = torch.cat([p[name] for p in parts]).contiguous()
     return out
+
+
+def build_once(path: Path, compute: Callable[[], dict[str, torch.Tensor]], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Load the safetensors file at `path`, or `compute()` and write it first (single-file caches: seq-KD).
+
+    One process computes at a time (a file lock next to it: cells that start together wait for the
+    first, then read its file), the write is atomic (temp file + rename), and loading is weights-only.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            log.info("cache: computing %s", path.name)
+            _save_atomic(compute(), path, metadata)
+        else:
+            log.info("cache: reusing %s", path.name)
+    return load_file(str(path))  # safetensors: weights only, nothing executed
 
 
 # --------------------------------------------------------------------------------------------- layout

@@ -8,8 +8,8 @@
 
     cell = setup(cfg)            # config checks, distributed env, run dir (a finished cell is skipped before),
                                  # tracker, data, tokenizer, teacher (frozen) or its cache, student (DeepSpeed
-                                 # ZeRO) resumed from its latest checkpoint
-    train_step(cell, step)       # one optimizer step: micro-batches, exact accumulation, engine.step
+                                 # ZeRO) resumed from its latest checkpoint, the rollout and its state
+    train_step(cell, step)       # one optimizer step: the rollout's micro-batches, exact accumulation, engine.step
     after_step(cell, result)     # train log, validate(cell), checkpoint on their cadence
     finish(cell)                 # final validation, HF export, generation + ROUGE-L, metrics.json
 
@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, models, runs
+from distill import rollout as rollout_mod
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError
 from distill.config import validate as check_config
@@ -167,6 +168,7 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
         "teacher": cfg.model.teacher.get("path") if cfg.loss.kd_ratio > 0 else None,
         "student": cfg.model.student.get("path") or f"{cfg.model.get('arch', 'hf')}-init",
         "dataset": cfg.data.name,
+        "rollout": rollout_mod.label(cfg.get("rollout")),
         "signature": sig,
     }
 
@@ -203,6 +205,7 @@ class Cell:
     tracker: Tracker
     metrics: dict[str, Any]      # what metrics.json will hold
     progress: Progress
+    rollout: rollout_mod.Rollout  # where each step's sequences come from, with its checkpointed state
     bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
     teacher_engine: Any = None   # the DeepSpeed engine holding a partitioned teacher (model.teacher.shard)
 
@@ -229,7 +232,8 @@ def setup(cfg: DictConfig) -> Cell:
     metrics = _initial_metrics(cfg, rdir)
     tracker = Tracker(
         cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
-        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}"],
+        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}",
+              f"rollout:{(cfg.get('rollout') or {}).get('name', 'offline')}"],
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
     )
     with _failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
@@ -242,11 +246,18 @@ def setup(cfg: DictConfig) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        teacher, teacher_engine, cache, engine = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank,
-                                                               world=world)
+        teacher, teacher_engine, cache, engine, train_ex = _build_models(cfg, tokenizer, train_ex, device=device,
+                                                                         rank=rank, world=world)
         progress = _resume(engine, rdir)
         metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict()}
         val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world)
+        rollout = _rollout(cfg, tokenizer, rdir, progress.step, world=world, rank=rank)
+        if rollout.needs_initial_dev_loss and val_batches:
+            # DistiLLM's SGO compares later dev losses with the one before training (finetune.py: the first
+            # `evaluate` call before the loop).
+            val = validate_model(engine.module, teacher, val_batches, device, rank, world)
+            rollout.observe_dev_loss(val["ce"])
+            tracker.log({f"valid/{k}": v for k, v in val.items()}, step=0)
         bar = None
         if rank == 0 and cfg.trainer.progress:
             from tqdm.auto import tqdm
@@ -257,7 +268,8 @@ def setup(cfg: DictConfig) -> Cell:
         engine.train()
     return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, splits=splits, tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
-                tracker=tracker, metrics=metrics, progress=progress, bar=bar, teacher_engine=teacher_engine)
+                tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar,
+                teacher_engine=teacher_engine)
 
 
 def _open_run_dir(cfg: DictConfig, rank: int) -> Path:
@@ -303,22 +315,42 @@ def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
 
 
 def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
-                  world: int) -> tuple[torch.nn.Module | None, Any, TeacherCache | None, Any]:
-    """(teacher, its DeepSpeed engine when partitioned, teacher cache, student engine).
+                  world: int) -> tuple[torch.nn.Module | None, Any, TeacherCache | None, Any, list[dict]]:
+    """(teacher, its DeepSpeed engine when partitioned, teacher cache, student engine, training examples).
 
     The teacher is frozen and in eval mode: a full copy per rank outside DeepSpeed, or, with
     model.teacher.shard, partitioned across ranks by ZeRO-3 inference (loaded under zero.Init from a path, so no
-    rank ever holds all of it). There is none at all for SFT (kd_ratio=0).
+    rank ever holds all of it). There is none at all for SFT (kd_ratio=0). With rollout=seq_kd the training
+    examples are the teacher's cached samples (and the teacher cache, if any, is computed on those).
     """
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
     if cfg.loss.impl == "fused":
         models.check_output_head(student, models.output_head(student), "student")
-    if cfg.loss.kd_ratio <= 0:
-        return None, None, None, eng.initialize(student, tcfg, world)
-    teacher, teacher_engine = _build_teacher(cfg, tokenizer, dtype, device)
-    models.check_vocab(student, teacher, tokenizer)
+    teacher = teacher_engine = cache = None
+    if cfg.loss.kd_ratio > 0:
+        teacher, teacher_engine = _build_teacher(cfg, tokenizer, dtype, device)
+        models.check_vocab(student, teacher, tokenizer)
+    if (cfg.get("rollout") or {}).get("name") == "seq_kd":
+        def load_teacher() -> torch.nn.Module:
+            model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
+            return model.requires_grad_(False).eval().to(device)
+
+        train_ex = rollout_mod.seq_kd_examples(
+            Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
+            load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
+        )
+    if teacher is not None:
+        cache = _teacher_cache(cfg, teacher, train_ex, pad_id=tokenizer.pad_token_id, dtype=dtype, device=device,
+                               rank=rank)
+    return teacher, teacher_engine, cache, eng.initialize(student, tcfg, world), train_ex
+
+
+def _teacher_cache(cfg: DictConfig, teacher, train_ex: list[dict], *, pad_id: int, dtype: torch.dtype,
+                   device: torch.device, rank: int) -> TeacherCache | None:
+    """The teacher's outputs on `train_ex` in the form loss.teacher_cache asks for (None: the live teacher)."""
     t_head = models.output_head(teacher)
     vocab, hidden = (int(x) for x in models.param_shape(t_head.weight))
     setting = cfg.loss.teacher_cache
@@ -330,14 +362,13 @@ def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: t
         kind = "hidden"  # the fused loss reads hidden states, whichever form would be smaller
     if cfg.loss.impl == "fused" or kind == "hidden":
         models.check_output_head(teacher, t_head, "teacher")  # its head will make the logits
-    cache = None
-    if kind is not None:
-        cache = TeacherCache.build_or_load(
-            Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
-            batch_size=int(tcfg.micro_batch_size), kind=kind, topk=cfg.loss.get("teacher_cache_topk"),
-            device=device, dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
-        )
-    return teacher, teacher_engine, cache, eng.initialize(student, tcfg, world)
+    if kind is None:
+        return None
+    return TeacherCache.build_or_load(
+        Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=pad_id,
+        batch_size=int(cfg.trainer.micro_batch_size), kind=kind, topk=cfg.loss.get("teacher_cache_topk"),
+        device=device, dtype=dtype, progress=rank == 0 and bool(cfg.trainer.progress),
+    )
 
 
 def _build_teacher(cfg: DictConfig, tokenizer, dtype: torch.dtype, device: torch.device):
@@ -351,6 +382,19 @@ def _build_teacher(cfg: DictConfig, tokenizer, dtype: torch.dtype, device: torch
         teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=seed)
     teacher_engine = eng.shard_frozen(teacher, cfg.trainer)
     return teacher_engine.module, teacher_engine
+
+
+def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, *, world: int, rank: int) -> rollout_mod.Rollout:
+    """The cell's rollout; when resuming, with the replay buffer, threshold and counters of the checkpoint."""
+    rollout = rollout_mod.Rollout(
+        cfg.get("rollout") or {"name": "offline"}, seed=int(cfg.seed), max_steps=int(cfg.trainer.max_steps),
+        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=int(cfg.data.max_length),
+        # ZeRO-3 gathers parameters inside every forward: ranks must keep stepping until all finished generating
+        synced_gpus=int(cfg.trainer.zero_stage) == 3 and world > 1,
+    )
+    if step > 0 and rollout.stateful:
+        rollout.load(eng.checkpoint_dir(rdir, step), rank)
+    return rollout
 
 
 def _resume(engine, rdir: Path) -> Progress:
@@ -379,14 +423,16 @@ def _no_lap(segment: str) -> None:
 
 
 def sample_batches(cell: Cell, step: int) -> list[dict]:
-    """This rank's `grad_accum` micro-batches of `step`, collated, each with its example ids."""
+    """This rank's `grad_accum` micro-batches of `step`, as the rollout supplies them, collated. Micro-batches of
+    training examples carry their example ids; generated or replayed ones do not (the live teacher scores them)."""
     tcfg, n = cell.cfg.trainer, len(cell.train_examples)
+    ids = [sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
+                          grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed)) for m in range(int(tcfg.grad_accum))]
+    policy = cell.engine.module if cell.rollout.samples_student else None
     out = []
-    for m in range(int(tcfg.grad_accum)):
-        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
-                             grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed))
-        batch = data_mod.collate_train([cell.train_examples[i] for i in idx], cell.tokenizer.pad_token_id)
-        out.append({**batch, EXAMPLE_IDS: torch.tensor(idx)})
+    for mb in cell.rollout.micro_batches(step, ids, cell.train_examples, policy, cell.rank):
+        batch = data_mod.collate_train(mb.examples, cell.tokenizer.pad_token_id)
+        out.append(batch if mb.example_ids is None else {**batch, EXAMPLE_IDS: torch.tensor(mb.example_ids)})
     return out
 
 
@@ -463,9 +509,13 @@ def after_step(cell: Cell, result: dict[str, Any]) -> None:
     if done % int(tcfg.log_every) == 0 or done == max_steps:
         _log_train(cell, result["parts"])
     if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and cell.val_batches:
-        cell.tracker.log({f"valid/{k}": v for k, v in validate(cell).items()}, step=done)
+        val = validate(cell)
+        cell.rollout.observe_dev_loss(val["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
+        cell.tracker.log({f"valid/{k}": v for k, v in val.items()}, step=done)
     if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps:
         p = cell.progress
+        if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
+            cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
         eng.save_checkpoint(cell.engine, cell.run_dir, done,
                             {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state()},
                             keep=int(tcfg.keep_ckpts))
@@ -480,7 +530,8 @@ def _log_train(cell: Cell, parts: dict[str, float]) -> None:
     p.loss_sum, p.loss_steps = 0.0, 0
     tps = (p.tokens - p.tokens_at_start) / max(time.time() - p.t_start, 1e-9)
     cell.tracker.log({"train/loss": step_loss, "train/lr": cell.engine.get_lr()[0], "train/tokens": p.tokens,
-                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()}}, step=p.step)
+                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()},
+                      **cell.rollout.log_values()}, step=p.step)
     cell.metrics["train"]["final_loss"] = step_loss
     if cell.bar is not None:
         cell.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
@@ -505,6 +556,7 @@ def finish(cell: Cell) -> dict[str, Any]:
     train_time = time.time() - p.t_start
     m["valid"] = validate(cell)
     m["train"].update(steps=int(tcfg.max_steps), tokens=p.tokens, time_s=round(train_time, 3),
+                      rollout=cell.rollout.summary(),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
     student_dir = cell.run_dir / "student"

@@ -211,6 +211,29 @@ def test_sweep_file_expands_to_grid(compose_train, sweep, grid, extra):
         assert job_cfg.sweep_name == sweep
 
 
+def test_sota_sweep_pairs_each_recipe_with_its_rollout(compose_train):
+    cfg = compose_train(["+sweep=sota", "experiment=demo"])
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) == 6 * 3 * 3 and cfg.sweep_name == "sota" and cfg.trainer.eval_every > 0
+    loader = GlobalHydra.instance().config_loader()
+    expected = {"gkd": ("jsd", "on_policy"), "distillm": ("skl", "sgo"), "ab": ("ab", "offline"),
+                "akl": ("akl", "offline"), "fkl": ("fkl", "offline"), "rkl": ("rkl", "offline")}
+    seen = {}
+    for job in jobs:
+        want = dict(o.split("=", 1) for o in job if "=" in o and not o.startswith("+"))
+        if want["tau"] != "2.0" or want["seed"] != "1":
+            continue
+        job_cfg = loader.load_sweep_config(cfg, list(job))
+        seen[want["method"]] = (job_cfg.divergence.name, job_cfg.rollout.name)
+        assert job_cfg.tau == 2.0 and job_cfg.trainer.max_steps == 150  # the demo preset still applies
+        if want["method"] == "gkd":
+            assert (job_cfg.divergence.beta, job_cfg.rollout.lmbda) == (0.5, 0.5)
+        if want["method"] == "distillm":
+            assert (job_cfg.divergence.alpha, job_cfg.rollout.init_threshold, job_cfg.rollout.loss_eps,
+                    job_cfg.rollout.capacity) == (0.1, 0.0, 0.1, 1000)
+    assert seen == expected
+
+
 def test_demo_ablation_cells_compose_with_their_factor_and_budget(compose_train):
     cfg = compose_train(["+sweep=demo_ablation"])
     jobs = sweep_jobs(cfg)

@@ -284,6 +284,31 @@ def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
     assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md
 
 
+def test_rollouts_get_their_own_rows_and_old_cells_count_as_offline(tmp_path):
+    def write(name, div, rollout, seed, score):
+        d = tmp_path / name
+        d.mkdir()
+        cell = {"divergence": div, "divergence_params": {}, "tau": 1.0, "seed": seed}
+        if rollout is not None:
+            cell["rollout"] = rollout
+        (d / "metrics.json").write_text(json.dumps({"schema_version": 1, "status": "completed", "sweep": "s",
+                                                    "cell": cell, "eval": {"b": {"rougeL_mean": score}}}))
+
+    write("fkl-old-00000001", "fkl", None, 0, 30.0)          # written before rollouts existed
+    write("fkl-new-00000002", "fkl", "offline", 1, 32.0)
+    write("rkl-new-00000003", "rkl", "offline", 0, 35.0)
+    write("jsd-onp-00000004", "jsd", "on_policy λ=0.5", 0, 40.0)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert rows[("b", "fkl (rollout=offline)", 1.0)]["n"] == "2"  # the old cell joined the new one
+    assert rows[("b", "jsd (rollout=on_policy λ=0.5)", 1.0)]["best"] == "1"
+    assert float(rows[("b", "fkl-rkl (rollout=offline)", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
+    cell = report.record_from_wandb("r", "finished", {"divergence.name": "jsd", "tau": 1, "seed": 0,
+                                                      "rollout.name": "on_policy", "rollout.lmbda": 0.5},
+                                    {"eval.b.rougeL_mean": 40.0})
+    assert cell.label_source["rollout"] == "on_policy λ=0.5"
+
+
 # ----------------------------------------------------------------------------- statistics (issue 19)
 
 BASE = np.array([30.0, 31.0, 29.0, 30.5, 29.5])   # per training seed: the SFT baseline's scores
