@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402
-from bench_losses import _reset_peak, _status_kib  # noqa: E402
+from bench_losses import reset_peak, status_kib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL = {"hidden": 1600, "vocab": 50257, "layers": 48, "heads": 25}
@@ -277,8 +277,8 @@ def memory_worker(args) -> None:
     engine = eng.initialize(student_model(args.student_layers, args.seq), cfg.trainer, world)
     engine.train()
     cell = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), cache=cache, engine=engine, teacher=teacher)
-    setup_kib = _status_kib("VmRSS")
-    _reset_peak()  # VmHWM back to the current RSS
+    setup_kib = status_kib("VmRSS")
+    reset_peak()  # VmHWM back to the current RSS
     for step in range(2):
         ids = [(step * world + rank) * args.batch + i for i in range(args.batch)]
         batch = collate_train([exs[i] for i in ids], PAD)
@@ -286,8 +286,8 @@ def memory_worker(args) -> None:
         loss, _ = micro_batch_loss(cell, {**batch, EXAMPLE_IDS: torch.tensor(ids)}, local * world)
         engine.backward(loss * world)
         engine.step()
-    out = {"rank": rank, "setup_mib": setup_kib / 1024, "peak_mib": _status_kib("VmHWM") / 1024,
-           "after_mib": _status_kib("VmRSS") / 1024, "loss": loss.item()}
+    out = {"rank": rank, "setup_mib": setup_kib / 1024, "peak_mib": status_kib("VmHWM") / 1024,
+           "after_mib": status_kib("VmRSS") / 1024, "loss": loss.item()}
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(out))
     with contextlib.suppress(Exception):
         cache.close()
