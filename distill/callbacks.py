@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,32 +103,29 @@ def log_summary_run(config: DictConfig) -> None:
 
 
 class PreemptionCallback(Callback):
-    """Under SLURM, leave at once on SIGTERM (requeue, preemption, scancel), writing no result.
+    """Under SLURM, catch SIGTERM and SIGUSR2 from the very start of each job (distill.preempt).
 
-    SLURM sends SIGTERM to every process of a job it requeues or cancels and SIGKILL KillWait
-    seconds later. submitit ignores SIGTERM, so without this the cell trains on for those
-    seconds: it may even finish and hand submitit a result while SLURM has already put the job
-    back in the queue, or it dies half-way because the W&B service process got the signal too.
-    Exiting with SystemExit instead is what submitit itself does after a USR2 requeue: no result
-    file, so the launcher waits for the requeued attempt, which resumes from the cell's last
-    periodic checkpoint. Checkpoints and metrics.json are written atomically, so an exit in the
-    middle of either loses nothing that was complete.
+    SLURM signals every task of a job it preempts, requeues, cancels or brings near its time limit, and
+    SIGKILLs it `KillWait` seconds later; submitit ignores SIGTERM. From job start until the cell's
+    training loop, a signal stops the job at once (nothing is worth saving yet) and requeues it if
+    SLURM will not; inside the loop, `distill.train` stops at the next step boundary with a checkpoint.
+    Either way the job leaves with SystemExit: submitit writes no result and the launcher waits for the
+    requeued attempt, which resumes from the cell's checkpoint.
     """
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._installed = False
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if "SLURM_JOB_ID" in os.environ:
-            self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        from distill import preempt
+
+        if "SLURM_JOB_ID" in os.environ and not self._installed:
+            preempt.STATE.install()
+            self._installed = True
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if self._previous is not None:  # in-process multirun: the next job starts clean
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        from distill import preempt
 
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    print(f"distill: SIGTERM in SLURM job {os.environ.get('SLURM_JOB_ID')}: exiting now; a requeued "
-          "attempt resumes from the last checkpoint", file=sys.stderr, flush=True)
-    sys.exit(128 + signum)
+        if self._installed:  # in-process multirun: the next job starts clean
+            preempt.STATE.uninstall()
+            self._installed = False

@@ -13,10 +13,19 @@ class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem, one per line."""
 
 
+class InputError(ConfigError):
+    """Something the config points at cannot be used (a data file, a model dir, a checkpoint, the output dir).
+
+    Like a config error it is the user's to fix: the job says what was wrong and what would be right in one
+    line and exits with status 2 (the traceback goes to the cell's log).
+    """
+
+
 _STAGES = (0, 1, 2, 3)
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _IMPLS = ("plain", "chunked", "fused")
 _TAU_TARGETS = ("both", "teacher")
+_CACHE_SETTINGS = (False, True, "auto", "hidden", "logits")  # distill.teacher_cache.SETTINGS
 
 
 def _looks_local(path: str) -> bool:
@@ -56,15 +65,25 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(_TAU_TARGETS)}")
     if loss.impl not in _IMPLS:
         out.append(f"loss.impl={loss.impl!r}: must be one of {list(_IMPLS)}")
+    cache, topk = loss.get("teacher_cache", False), loss.get("teacher_cache_topk")
+    if cache not in _CACHE_SETTINGS:
+        out.append(f"loss.teacher_cache={cache!r}: must be one of false, true, auto (the smaller exact form when "
+                   "model.teacher.path is set), hidden, logits")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        out.append(f"loss.teacher_cache_topk={topk!r}: must be null (exact) or an integer k >= 1")
     if loss.impl == "fused":
         if float(loss.kd_ratio) != 1.0:
             out.append(f"loss.impl=fused computes only the distillation term: use loss.kd_ratio=1 (got {loss.kd_ratio})")
-        if t.zero_stage == 3:
-            out.append("loss.impl=fused needs the full output weights on every rank: use trainer.zero_stage <= 2")
-        if loss.get("teacher_cache"):
-            out.append("loss.impl=fused runs the teacher's hidden states: it cannot use loss.teacher_cache=true")
-    if loss.get("teacher_cache") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
-        out.append("loss.teacher_cache=true needs model.teacher.path (the cache is keyed by the teacher's files)")
+        if cache == "logits" or (cache and topk is not None):
+            out.append("loss.impl=fused reads the teacher's hidden states: use loss.teacher_cache=hidden (or auto), "
+                       "not a log-prob cache (logits / teacher_cache_topk)")
+    if cache in (True, "hidden", "logits") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
+        out.append(f"loss.teacher_cache={str(cache).lower()} needs model.teacher.path (the cache is keyed by the teacher's files); "
+                   "auto uses the live teacher when there is no path")
+    shard = cfg.model.teacher.get("shard", False)
+    if not isinstance(shard, bool):
+        out.append(f"model.teacher.shard={shard!r}: must be true (partition the teacher across ranks, ZeRO-3 "
+                   "inference) or false (a full copy per rank)")
     if cfg.divergence.name not in DIVERGENCES:
         out.append(f"divergence={cfg.divergence.name!r}: must be one of {list(DIVERGENCES)}")
     elif isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau):
@@ -82,6 +101,29 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     out.extend(_rollout_problems(cfg))
     if not cfg.eval.seeds:
         out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    out.extend(_reliability_problems(cfg))
+    return out
+
+
+def _reliability_problems(cfg: DictConfig) -> list[str]:
+    """Secrets in the config, and the input-change and cell-lock settings."""
+    from omegaconf import OmegaConf
+
+    from distill.runs import secret_keys
+
+    out = [f"{key}: looks like a secret: pass secrets in the environment (HF_TOKEN, WANDB_API_KEY, ...), never in "
+           "a config: configs are written to disk and to W&B"
+           for key in secret_keys(OmegaConf.to_container(cfg, resolve=False))]
+    on_change = (cfg.get("inputs") or {}).get("on_change", "rerun")
+    if on_change not in ("rerun", "error"):
+        out.append(f"inputs.on_change={on_change!r}: must be one of ['rerun', 'error']")
+    lock = cfg.get("cell_lock") or {}
+    hb, stale, wait = lock.get("heartbeat_s", 30), lock.get("stale_after_s", 300), lock.get("wait_s")
+    if not (isinstance(hb, (int, float)) and isinstance(stale, (int, float)) and 0 < hb < stale):
+        out.append(f"cell_lock.heartbeat_s={hb!r}, stale_after_s={stale!r}: need 0 < heartbeat_s < stale_after_s "
+                   "(minutes for stale_after_s on a shared filesystem)")
+    if wait is not None and (not isinstance(wait, (int, float)) or wait < 0):
+        out.append(f"cell_lock.wait_s={wait!r}: must be null (wait while the holder lives) or a number >= 0")
     return out
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill import runs
+from distill import inputs, runs
 from distill.train import CONF_DIR
 
 # Scale presets: experiment presets put under every stage's own, overrides for every stage, and the
@@ -64,7 +64,7 @@ def prep_overrides(root: Path, scale: str = "full") -> dict[str, list[str]]:
 
 def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
     """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
-    return {role: runs.run_dir(compose(o)) / "student" for role, o in prep_overrides(root, scale).items()}
+    return {role: inputs.locate(compose(o))[0] / "student" for role, o in prep_overrides(root, scale).items()}
 
 
 def run_job(args: list[str]) -> None:
@@ -79,7 +79,7 @@ def stage(title: str, overrides: list[str]) -> Path:
     t0 = time.time()
     print(f"\n== {title}", flush=True)
     run_job(overrides)
-    run_dir = runs.run_dir(compose(overrides))
+    run_dir = inputs.locate(compose(overrides))[0]
     metrics = runs.read_metrics(run_dir) or {}
     scores = {b: round(r["rougeL_mean"], 1) for b, r in metrics.get("eval", {}).items()}
     print(f"== {title}: ROUGE-L {scores}  ({time.time() - t0:.0f} s)", flush=True)

@@ -187,11 +187,13 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generate",
+    truncation_side: str = "left",
 ) -> list[str]:
     """Generate one response per prompt with HF `model.generate`, in batches, and return the decoded
     new tokens only (special tokens skipped, whitespace stripped), in prompt order.
 
-    Prompts are left-padded (`distill.data.encode_prompts_left`, truncated to `max_prompt_length`).
+    Prompts are left-padded (`distill.data.encode_prompts_left`, truncated to `max_prompt_length` on
+    `truncation_side`, as in training).
     Each batch may add `max_new_tokens` tokens, or, when None, `max_length - padded prompt length`
     (at least 1); generation stops at the tokenizer's EOS. `temperature` is the SAMPLING temperature
     (not the distillation tau); `do_sample=False` means greedy decoding, and the sampling knobs are
@@ -217,7 +219,8 @@ def generate(
     with seeded(seed, device):
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length)
+            enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length,
+                                      truncation_side)
             prompt_len = enc["input_ids"].shape[1]
             new_tokens = sample_new_tokens(
                 model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
@@ -256,6 +259,7 @@ def evaluate_benchmarks(
     max_length: int,
     max_prompt_length: int,
     out_dir: Path | None,
+    truncation_side: str = "left",
 ) -> dict[str, dict]:
     """Generate for every benchmark under every eval seed and score with ROUGE-L and exact match.
 
@@ -285,7 +289,7 @@ def evaluate_benchmarks(
                 batch_size=cfg["batch_size"], do_sample=cfg["do_sample"], top_k=cfg["top_k"],
                 top_p=cfg["top_p"], temperature=cfg["temperature"],
                 no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
-                seed=seed, desc=f"eval {name} seed={seed}",
+                seed=seed, desc=f"eval {name} seed={seed}", truncation_side=truncation_side,
             )
             scores = rouge_l_scores(outputs, references)
             rouge_per_seed.append(statistics.fmean(scores))

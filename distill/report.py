@@ -50,7 +50,8 @@ SCHEMA_VERSION = 1
 FINISHED = "completed"
 # status of a cell as the report sees it: the three metrics.json states plus what the
 # report itself can find wrong with a cell dir.
-PROBLEM_STATUSES = ("running", "failed", "missing", "unreadable", "superseded")
+PROBLEM_STATUSES = ("running", "stale", "interrupted", "failed", "missing", "unreadable", "superseded")
+RECORDED_STATUSES = ("running", "completed", "failed", "interrupted")  # what distill-train writes
 CELL_DIR_RE = re.compile(r"^.+-[0-9a-f]{8}$")  # <name>-<8-hex signature>
 # canonical order (and colour) of the objectives, as in the paper's tables
 DIVERGENCE_ORDER = ("sft", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
@@ -92,8 +93,8 @@ def parse_metrics(text: str, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: expected a JSON object, got {type(m).__name__}")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{source}: schema_version {m.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    if m.get("status") not in ("running", "completed", "failed"):
-        raise ValueError(f"{source}: status {m.get('status')!r}, expected running|completed|failed")
+    if m.get("status") not in RECORDED_STATUSES:
+        raise ValueError(f"{source}: status {m.get('status')!r}, expected {'|'.join(RECORDED_STATUSES)}")
     cell = m.get("cell")
     if not isinstance(cell, dict) or not {"divergence", "tau", "seed"} <= cell.keys():
         raise ValueError(f"{source}: 'cell' must hold at least divergence, tau and seed")
@@ -106,8 +107,11 @@ def scan_sweep(sweep_dir: str | os.PathLike) -> list[Cell]:
     """Find the cells of a sweep dir: subdirs named `<name>-<8hex>` or holding a metrics.json.
 
     Hidden dirs (.hydra-jobs, .submitit) are not cells. A cell dir without metrics.json is
-    'missing'; one whose metrics.json cannot be parsed is 'unreadable'.
+    'missing'; one whose metrics.json cannot be parsed is 'unreadable'; a 'running' one whose cell
+    lock has no live holder (a SIGKILLed job, a dead node: distill.locks) is 'stale'.
     """
+    from distill.locks import liveness
+
     root = Path(sweep_dir)
     cells = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -121,7 +125,8 @@ def scan_sweep(sweep_dir: str | os.PathLike) -> list[Cell]:
         except (ValueError, OSError) as e:
             cells.append(Cell(d.name, "unreadable", error=str(e)))
             continue
-        cells.append(Cell(d.name, m["status"], m, m.get("error")))
+        dead = liveness(d) if m["status"] == "running" else None
+        cells.append(Cell(d.name, "stale", m, f"not running: {dead}") if dead else Cell(d.name, m["status"], m, m.get("error")))
     return dedupe(cells)
 
 
@@ -619,6 +624,7 @@ def render_markdown(summary: Summary, sweep: str) -> str:
         lines += [describe_variance(summary, bench), ""]
     if not summary.benchmarks:
         lines += ["No completed cell yet, so there are no scores.", ""]
+    lines += render_attempts(cells)
     lines += render_problems(cells)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -655,14 +661,30 @@ def render_problems(cells: list[Cell]) -> list[str]:
     if not bad:
         return ["## Unfinished cells", "", "None: every cell completed.", ""]
     lines = ["## Unfinished cells", "", "Not in the tables above:", "",
-             "| cell | status | step | updated | error / note |", "|---|---|---|---|---|"]
+             "| cell | status | step | attempts | updated | error / note |", "|---|---|---|---|---|---|"]
     for c in sorted(bad, key=lambda c: (PROBLEM_STATUSES.index(c.status), c.dir)):
-        step = (c.metrics or {}).get("train", {}).get("steps", "")
+        m = c.metrics or {}
+        last = (m.get("attempts") or [{}])[-1]
+        step = m.get("train", {}).get("steps", last.get("end_step", last.get("start_step", "")))
         err = (c.error or "").strip().splitlines()
         note = (err[-1] if err else "").replace("|", "\\|")[:200]   # last line of a traceback says most
-        updated = (c.metrics or {}).get("updated_at", "")
-        lines.append(f"| {c.dir} | {c.status} | {step} | {updated} | {note} |")
+        lines.append(f"| {c.dir} | {c.status} | {step} | {attempts(c) or ''} | {m.get('updated_at', '')} | {note} |")
     return lines + [""]
+
+
+def attempts(cell: Cell) -> int:
+    """How many attempts (first run + resumes after a preemption, a kill or a failure) a cell took; 0 = unknown."""
+    return len((cell.metrics or {}).get("attempts") or [])
+
+
+def render_attempts(cells: list[Cell]) -> list[str]:
+    """One line naming the completed cells that took more than one attempt (the rest took one)."""
+    done = [c for c in cells if c.status == FINISHED and attempts(c)]
+    resumed = sorted((c for c in done if attempts(c) > 1), key=lambda c: c.dir)
+    if not done:
+        return []
+    listed = ", ".join(f"{c.dir} ({attempts(c)})" for c in resumed) or "none"
+    return [f"Attempts: {len(done) - len(resumed)} completed cells took one attempt; more than one: {listed}.", ""]
 
 
 CSV_COLUMNS = ["benchmark", "row", "divergence", "tau", "rougeL_mean", "rougeL_std", "n", "seeds", "best",

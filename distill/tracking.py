@@ -240,3 +240,22 @@ def _scalar(value: Any) -> Any:
         return float(value)
     except (TypeError, ValueError):
         return value
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step` in a local JSONL log (atomically): a resumed attempt redoes the
+    steps after its checkpoint, and each step must be logged once. Unparseable lines (a torn last line) go."""
+    from distill.runs import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
