@@ -1,8 +1,8 @@
 """The teacher cache: what a tau grid costs with and without it, and what its top-k form gives up.
 
-    python -m benchmarks.bench_teacher_cache                       # both parts, demo sizes: ~3 min on 2 shared cores
-    python -m benchmarks.bench_teacher_cache --quick               # a smoke run (~45 s)
-    python -m benchmarks.bench_teacher_cache --part b --teacher outputs/demo-prep/<teacher cell>/student \\
+    python benchmarks/bench_teacher_cache.py                       # both parts, demo sizes: ~3 min on 2 shared cores
+    python benchmarks/bench_teacher_cache.py --quick               # a smoke run (~45 s)
+    python benchmarks/bench_teacher_cache.py --part b --teacher outputs/demo-prep/<teacher cell>/student \\
         --student outputs/demo-prep/<warm start cell>/student      # part (b) on the demo's trained models
 
 Models and data: the demo's sizes (conf/experiment/demo.yaml: teacher GPT-2 4L/128d, student 2L/64d, embedded suite,
@@ -16,20 +16,21 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
       student-only  every cell is SFT (loss.kd_ratio=0, no teacher at all): the floor a distillation grid can reach.
       live teacher  every cell loads the teacher and runs its forward at every step (loss.teacher_cache=false).
       cache         `TeacherCache.build_or_load` computes the cache ONCE (timed), then every cell loads the teacher
-                    (the job still does, for validation) and the cache file, and reads its batches from the cache.
-    Every cell is the job's own: `distill.train.setup` (data, tokenizer, teacher or cache, DeepSpeed engine with
-    ZeRO-0, fp32, world size 1) and `distill.train.train_step` (through `bench_train.job_step`), so the costs are the
-    job's. Within each cell the three variants step through the same batches, interleaved one step at a time in a
-    shuffled order per round (after --warmup discarded steps each), and a variant's cell cost = steps x median
-    seconds/step + its per-cell fixed cost, the time of its `setup` (which differs between variants by the teacher
-    and cache loads). Validation, export and evaluation are the same for every variant and left out.
+                    (the job still does, for validation) and the cache file, and reads its batches from the cache
+                    (--cache-kind: by default the job's `auto` choice, the teacher's final hidden states, to which
+                    the teacher's head is applied at each step; `logits` = the full log-probs).
+    Each step is the job's loop body (`bench_train.job_step`, a mirror of distill/train.py's loop) on a DeepSpeed
+    engine (ZeRO-0, fp32, world size 1), so the costs are the job's own. Within each cell the three variants step
+    through the same batches, interleaved one step at a time in a shuffled order per round (after --warmup discarded
+    steps each), and a variant's cell cost = steps x median seconds/step + its per-cell fixed costs (teacher load,
+    cache load). Engine creation, validation, export and evaluation are the same for every variant and left out.
     Printed: each grid's cost and its ratio to the student-only grid, in wall and process-CPU seconds (CPU time is
     nearly blind to other users of a shared machine), plus the same projected to the demo sweep (27 cells x 150 steps)
     from the measured per-step and fixed costs. Target (the Performance issue): cache grid <= 1.2x student-only.
 
 (b) Top-k approximation. On the first --topk-examples training examples, the teacher's tau=1 log-probs at every
     response position are computed by `distill.teacher_cache.compute` exactly (topk=None) and as top-k for each k,
-    and the top-k rows are rebuilt by `TeacherCache.rows` (top-k exact, the remaining mass spread uniformly), i.e.
+    and the top-k rows are rebuilt by `rebuild_topk` (top-k exact, the remaining mass spread uniformly), i.e.
     exactly what a cell would train on. For fkl, rkl and jsd at each tau, the distillation loss
     (`distill.losses.distillation_loss`, tau^2 on, mean over positions) of the student's logits against the exact
     and the rebuilt teacher gives |L_k - L| / L, and the gradient w.r.t. the student's logits gives
@@ -51,8 +52,8 @@ from typing import Callable
 
 import torch
 
-from benchmarks import bench_train as bt
-from distill.config import compose
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train (the job's step, the harness) sits here
+import bench_train as bt  # noqa: E402
 
 TARGET = 1.2
 DEMO_SWEEP = (27, 150)  # sweeps/demo.yaml: 3 divergences x 3 taus x 3 seeds; experiment=demo: 150 steps
@@ -117,35 +118,59 @@ def prepare_models(args, cfg, train_ex, tokenizer, tmp: Path) -> tuple[Path, Pat
 # (a) grid cost
 
 
-def grid_cost(args, base: list[str], teacher_dir: Path, tokenizer, device) -> list[str]:
+def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, device) -> list[str]:
     """Measure the three grid variants (see the module docstring); return the markdown report lines."""
-    from distill import train
-    from distill.teacher_cache import TeacherCache
+    from distill import engine as eng
+    from distill import models
+    from distill.teacher_cache import TeacherCache, resolve_kind
 
-    cfg0 = compose(base + [f"model.teacher.path={teacher_dir}", "loss.teacher_cache=false"])
-    probe = train.setup(cfg0)  # the job's teacher and encoded examples, to time the one-time cache build alone
-    teacher, examples = probe.teacher, probe.train_examples
-    cache, build_wall, build_cpu = timed(lambda: TeacherCache.build_or_load(
-        Path(cfg0.paths.cache_dir), teacher, cfg0.model.teacher.path, examples, pad_id=tokenizer.pad_token_id,
-        batch_size=int(cfg0.trainer.micro_batch_size), topk=None, device=device, dtype=torch.float32, progress=False))
-    cache_mb = (cache.logprobs.numel() * 4 + cache.offsets.numel() * 8) / 2**20
-    del cache, probe
+    pad_id = tokenizer.pad_token_id
+    cfg0 = bt.compose(base + [f"model.teacher.path={teacher_dir}", "loss.teacher_cache=true"])
+    dtype, max_len, mbs = torch.float32, int(cfg0.data.max_length), int(cfg0.trainer.micro_batch_size)
+
+    def load_teacher(cfg):
+        t = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
+        return t.requires_grad_(False).eval().to(device)
+
+    teacher = load_teacher(cfg0)
+    vocab, hidden = teacher.get_output_embeddings().weight.shape
+    kind = args.cache_kind if args.cache_kind != "auto" else resolve_kind(
+        "auto", hidden_size=hidden, vocab_size=vocab, dtype=dtype)
+
+    def build_or_load(cfg, teacher):
+        return TeacherCache.build_or_load(Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex,
+                                          pad_id=pad_id, batch_size=mbs, kind=kind, device=device, dtype=dtype,
+                                          progress=False)
+
+    cache, build_wall, build_cpu = timed(lambda: build_or_load(cfg0, teacher))
+    cache_mb = cache.nbytes / 2**20
+    del cache, teacher
 
     variants = ("student-only", "live teacher", "cache")
     steps = args.warmup + args.rounds  # optimizer steps per cell (block of 1 step per round)
     per_step = {v: {"wall": [], "cpu": []} for v in variants}   # one median per cell
-    fixed = {v: {"wall": 0.0, "cpu": 0.0} for v in variants}    # summed over cells: the job's `setup`
+    fixed = {v: {"wall": 0.0, "cpu": 0.0} for v in variants}    # summed over cells
     first_losses: list[str] = []  # the full cache is exact: live and cache must train on the same loss
     for tau in args.taus:
         fns = {}
         for v in variants:
             extra = {"student-only": ["loss.kd_ratio=0.0"], "live teacher": ["loss.teacher_cache=false"],
                      "cache": ["loss.teacher_cache=true"]}[v]
-            cfg = compose(base + [f"model.teacher.path={teacher_dir}", f"tau={tau}", *extra])
-            cell, w, c = timed(lambda: train.setup(cfg))
-            fixed[v]["wall"] += w
-            fixed[v]["cpu"] += c
-            fns[v] = (lambda cell: lambda s: bt.job_step(cell, s))(cell)
+            cfg = bt.compose(base + [f"model.teacher.path={teacher_dir}", f"tau={tau}", *extra])
+            teacher = cache = None
+            if v != "student-only":
+                teacher, w, c = timed(lambda: load_teacher(cfg))
+                fixed[v]["wall"] += w
+                fixed[v]["cpu"] += c
+            if v == "cache":
+                cache, w, c = timed(lambda: build_or_load(cfg, teacher))
+                fixed[v]["wall"] += w
+                fixed[v]["cpu"] += c
+            student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
+            engine = eng.initialize(student, cfg.trainer, 1)
+            engine.train()
+            fns[v] = (lambda cfg, engine, teacher, cache: lambda s: bt.job_step(
+                cfg, engine, teacher, cache, train_ex, pad_id, s, device))(cfg, engine, teacher, cache)
         res = bt.interleave(fns, warmup=args.warmup, rounds=args.rounds, block=1, seed=int(tau * 1000))
         first_losses.append(f"tau={tau:g}: " + ", ".join(f"{k} {v:.6f}" for k, v in res["first_loss"].items()))
         for v in variants:
@@ -162,7 +187,7 @@ def grid_cost(args, base: list[str], teacher_dir: Path, tokenizer, device) -> li
 
     g = len(args.taus)
     lines = [f"grid: fkl, tau in {args.taus} ({g} cells), {steps} steps per cell ({args.warmup} warm-up + "
-             f"{args.rounds} measured, interleaved 1 step at a time); cache: full log-probs, {cache_mb:.0f} MB, "
+             f"{args.rounds} measured, interleaved 1 step at a time); cache: {kind}, {cache_mb:.1f} MB, "
              f"one-time build {build_wall:.1f} s wall / {build_cpu:.1f} s CPU", "",
              "| variant | wall s/step | CPU s/step | fixed per cell, wall s | grid wall s | grid / student-only (wall) "
              "| grid CPU s | grid / student-only (CPU) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -235,20 +260,19 @@ def loss_and_grad(s_rows: torch.Tensor, t_rows: torch.Tensor, divergence: str, t
 def topk_error(args, teacher_dir: Path, student_dir: Path, train_ex, tokenizer, device) -> list[str]:
     """Loss/gradient error of the top-k cache vs the exact teacher, and tail mass outside the top-k."""
     from distill import models
-    from distill.teacher_cache import TeacherCache, compute
+    from distill.teacher_cache import compute, rebuild_topk
 
     pad_id = tokenizer.pad_token_id
     examples = train_ex[: args.topk_examples]
     teacher = models.load_model(teacher_dir, torch.float32).eval().to(device)
     student = models.load_model(student_dir, torch.float32).eval().to(device)
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    exact = compute(teacher, examples, pad_id=pad_id, batch_size=32, topk=None, device=device)["logprobs"]
+    exact = compute(teacher, examples, pad_id=pad_id, batch_size=32, kind="logits", device=device)["values"]
     s_rows = student_rows(student, examples, pad_id)
     approx = {}
     for k in args.ks:
-        cache = TeacherCache(compute(teacher, examples, pad_id=pad_id, batch_size=32, topk=k, device=device),
-                             vocab, key=f"top{k}")
-        approx[k] = torch.cat([cache.rows(i) for i in range(len(examples))])
+        top = compute(teacher, examples, pad_id=pad_id, batch_size=32, kind="topk", topk=k, device=device)
+        approx[k] = rebuild_topk(top["values"], top["topk_ids"], top["tail_mass"], vocab)
     if s_rows.shape != exact.shape:
         raise RuntimeError(f"student rows {tuple(s_rows.shape)} != teacher rows {tuple(exact.shape)}")
 
@@ -304,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--taus", type=floats, default=[1.0, 2.0, 4.0], help="(a) the grid's taus (default 1,2,4)")
     p.add_argument("--warmup", type=int, default=3, help="(a) discarded steps per variant and cell (default 3)")
     p.add_argument("--rounds", type=int, default=30, help="(a) measured steps per variant and cell (default 30)")
+    p.add_argument("--cache-kind", choices=("auto", "hidden", "logits"), default="auto",
+                   help="(a) the cache's form (default auto: the job's choice, hidden states at these sizes)")
     p.add_argument("--ks", type=ints, default=[8, 32, 128], help="(b) top-k sizes (default 8,32,128)")
     p.add_argument("--topk-taus", type=floats, default=[1.0, 2.0, 4.0, 8.0], help="(b) taus (default 1,2,4,8)")
     p.add_argument("--divergences", default="fkl,rkl,jsd", help="(b) divergences (default fkl,rkl,jsd)")
@@ -323,27 +349,24 @@ def main(argv: list[str] | None = None) -> int:
     bt.quiet()
 
     from distill import engine as eng
-    from distill import train
-    from distill.data import encode_records
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_cache_") as tmp_name:
         tmp = Path(tmp_name)
         data_dir = Path(args.data_dir) if args.data_dir else tmp / "data"
         base = ["experiment=demo", "logger=none", f"paths.root={tmp}", f"paths.data_dir={data_dir}",
-                "model.student.path=null", "divergence=fkl", "trainer.num_threads=null", "trainer.progress=false"]
-        cfg = compose(base + ["model.teacher.allow_random=true"])
+                "model.student.path=null", "divergence=fkl", "trainer.num_threads=null"]
+        cfg = bt.compose(base + ["model.teacher.allow_random=true"])
         eng.setup_distributed(int(cfg.trainer.dist_timeout_s))
         device = eng.device_for(0)
-        splits, tokenizer = train.load_data_and_tokenizer(cfg)  # the job's data path, without a cell
-        train_ex = encode_records(tokenizer, splits.train, cfg.data)
+        train_ex, tokenizer = bt.load_examples(cfg)
         teacher_dir, student_dir, which = prepare_models(args, cfg, train_ex, tokenizer, tmp)
         print(f"# bench_teacher_cache ({time.strftime('%Y-%m-%d %H:%M')})\n")
         print(f"machine: {bt.machine_line()}")
         print(f"models: {which}\n")
         if args.part in ("a", "both"):
             print("## (a) grid cost with and without the teacher cache, vs student-only\n")
-            print("\n".join(grid_cost(args, base, teacher_dir, tokenizer, device)))
+            print("\n".join(grid_cost(args, base, teacher_dir, train_ex, tokenizer, device)))
         if args.part in ("b", "both"):
             print("\n## (b) top-k cache vs exact teacher\n")
             print("\n".join(topk_error(args, teacher_dir, student_dir, train_ex, tokenizer, device)))
