@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch cross-entropy convention)
 FORMATS = ("jsonl", "dolly", "selfinst", "vicuna", "sinst", "uninst")
-TEMPLATES = ("alpaca", "alpaca_compact", "chat")
+TEMPLATES = ("alpaca", "alpaca_compact", "alpaca_qwen", "chat")
 TRUNCATION_SIDES = ("left", "right")
+LONG_PROMPT_POLICIES = ("truncate", "drop")  # data.long_prompts
 EMBEDDED_EVAL_SETS = ("test", "shift_wording", "shift_long")
 # Which reader a benchmark name uses unless data.benchmark_formats says otherwise.
 BENCHMARK_FORMATS = {"dolly": "dolly", "selfinst": "selfinst", "vicuna": "vicuna", "sinst": "sinst", "uninst": "uninst"}
@@ -61,6 +62,9 @@ ALPACA_PROMPT_INPUT = (
 # example under the 512-token BPE, so dropping it halves the demo's compute without changing the task.
 COMPACT_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 COMPACT_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# MiniLLM's Qwen2 variant (minillm/tools/process_data_dolly.py, model_type qwen2): the Alpaca text in
+# ChatML-like markers, with an "Assistant:" turn after it.
+QWEN_WRAP = "<|im_start|>{prompt}<|im_end|><|im_start|>Assistant:"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +362,7 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
 
     ``alpaca``: MiniLLM/DistiLLM's Alpaca-style template (with or without the Input block).
     ``alpaca_compact``: the same blocks without the preamble sentence (the embedded demo's choice).
+    ``alpaca_qwen``: the Alpaca text wrapped as MiniLLM does for Qwen2/2.5 (`QWEN_WRAP`).
     ``chat``: the tokenizer's chat template, one user turn (instruction, blank line, input),
     with the generation prompt appended.
     """
@@ -365,6 +370,8 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
         if record.input:
             return ALPACA_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
         return ALPACA_PROMPT.format(instruction=record.instruction)
+    if template == "alpaca_qwen":
+        return QWEN_WRAP.format(prompt=render_prompt(record, "alpaca"))
     if template == "alpaca_compact":
         if record.input:
             return COMPACT_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
@@ -533,6 +540,12 @@ def _key(r: Record) -> tuple[str, str]:
     return (r.instruction.strip(), r.input.strip())
 
 
+def prompt_too_long(record: Record, tokenizer: Any, template: str, max_prompt_length: int) -> bool:
+    """True when the rendered prompt has more than ``max_prompt_length`` tokens (MiniLLM's drop rule)."""
+    prompt = render_prompt(record, template, tokenizer)
+    return len(tokenizer.encode(prompt, add_special_tokens=False)) > max_prompt_length
+
+
 def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSplits:
     """Build train / valid / benchmark records from a ``conf/data/*.yaml`` config.
 
@@ -541,8 +554,10 @@ def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSpli
     ``hub_id`` via `load_hub_records`. For jsonl/hub, the last ``test_size`` records become the
     benchmark named ``name`` when its file is null, the first ``valid_size`` of the rest (or
     ``valid_file``) are validation, and training records whose (instruction, input) occur in any
-    benchmark are dropped (counted in ``stats``). If ``tokenizer`` is given, ``stats`` also counts
-    training prompts longer than ``max_prompt_length`` (they are truncated at encode time).
+    benchmark are dropped (counted in ``stats``) unless ``drop_overlap`` is false. If ``tokenizer``
+    is given, ``stats`` also counts training prompts longer than ``max_prompt_length``: they are
+    truncated at encode time (``long_prompts=truncate``), or dropped from train and valid
+    (``long_prompts=drop``, MiniLLM's rule; needs the tokenizer).
     """
     cfg = _plain(data_cfg)
     kind = cfg.get("kind")
@@ -569,12 +584,25 @@ def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSpli
     for name, recs in benchmarks.items():
         if not recs:
             raise ValueError(f"benchmark {name!r} is empty")
+    policy = cfg.get("long_prompts") or "truncate"
+    if policy not in LONG_PROMPT_POLICIES:
+        raise ValueError(f"data.long_prompts={policy!r}; allowed: {', '.join(LONG_PROMPT_POLICIES)}")
+    if policy == "drop" and tokenizer is None:
+        raise ValueError("data.long_prompts=drop counts prompt tokens: load_data needs the tokenizer")
     if tokenizer is not None:
         limit = int(cfg.get("max_prompt_length", 256))
         template = cfg.get("template", "alpaca")
-        prompts = [render_prompt(r, template, tokenizer) for r in train]
-        stats["train_prompts_over_max"] = sum(len(tokenizer.encode(p, add_special_tokens=False)) > limit
-                                              for p in prompts)
+        long_train = [prompt_too_long(r, tokenizer, template, limit) for r in train]
+        stats["train_prompts_over_max"] = sum(long_train)
+        if policy == "drop":
+            # MiniLLM (tools/process_data_dolly.py) drops such examples from train and valid, keeps the test set
+            long_valid = [prompt_too_long(r, tokenizer, template, limit) for r in valid]
+            train = [r for r, too_long in zip(train, long_train) if not too_long]
+            valid = [r for r, too_long in zip(valid, long_valid) if not too_long]
+            stats["valid_prompts_over_max"] = sum(long_valid)
+            if not train or not valid:
+                raise ValueError(f"data.long_prompts=drop left no {'training' if not train else 'validation'} "
+                                 f"examples: every prompt is over max_prompt_length={limit} tokens")
     return DataSplits(train=train, valid=valid, benchmarks=benchmarks, tokenizer_dir=tokenizer_dir, stats=dict(stats))
 
 
@@ -622,6 +650,8 @@ def _load_external(cfg: dict[str, Any], kind: str, stats: Counter
     else:
         raise ValueError("set data.valid_size (first N records held out) or data.valid_file")
 
+    if not cfg.get("drop_overlap", True):
+        return train, valid, benchmarks  # MiniLLM's split: every line after the first valid_size trains
     held_out = {_key(r) for recs in benchmarks.values() for r in recs} | {_key(r) for r in valid}
     kept = [r for r in train if _key(r) not in held_out]
     stats["train_dropped_overlap"] = len(train) - len(kept)
