@@ -452,6 +452,25 @@ def encode_example(tokenizer: Any, record: Record, *, template: str = "alpaca", 
     }
 
 
+def encode_records(tokenizer: Any, records: Sequence[Record], data_cfg: Any,
+                   stats: TruncationStats | None = None) -> list[dict[str, list[int]]]:
+    """Encode records for teacher-forced training as the job does, from a ``conf/data`` config.
+
+    Template, ``max_length``, ``max_prompt_length`` and ``truncation_side`` come from ``data_cfg``;
+    the target paraphrase is fixed per example by ``data.target_seed`` (not by the training seed),
+    so every cell of a grid teacher-forces the same sequences and can share one teacher cache.
+    """
+    target_seed = int(data_cfg.get("target_seed", 0))
+    return [
+        encode_example(tokenizer, r, template=data_cfg.get("template", "alpaca"),
+                       max_length=int(data_cfg.get("max_length", 512)),
+                       max_prompt_length=int(data_cfg.get("max_prompt_length", 256)),
+                       target_index=r.target_index(target_seed),
+                       truncation_side=data_cfg.get("truncation_side", "left"), stats=stats)
+        for r in records
+    ]
+
+
 def collate_train(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest example: input_ids, attention_mask, labels (IGNORE_INDEX on pads)."""
     if not examples:

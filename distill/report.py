@@ -4,18 +4,21 @@
 `distill-train`) and writes, atomically, into SWEEP_DIR:
 
 - report.md   per benchmark: objective x tau table of ROUGE-L mean ± std over training seeds,
-              best objective per tau in bold, FKL - RKL per tau (paired over seeds), one
-              sentence saying what the numbers say, and every unfinished / failed / missing
-              cell with its error (nothing is dropped silently).
-- report.csv  the same numbers in long form (one row per benchmark x row x tau).
-- report.png  ROUGE-L vs tau (log2 axis), one line per objective with std error bars,
-              one panel per benchmark.
+              best objective per tau in bold, FKL - RKL per tau with its 95% CI, one sentence
+              saying what the numbers say, every paired comparison (FKL - RKL, best - second,
+              each objective - SFT) with CI, verdict and seeds needed, a sentence on which
+              source of variance dominates, and every unfinished / failed / missing cell with
+              its error (nothing is dropped silently).
+- report.csv  the same numbers in long form (one row per benchmark x tau x objective or comparison).
+- report.png  ROUGE-L vs tau (log2 axis), one line per objective with ± 1 std error bars, SFT as
+              a level with a band, one panel per benchmark.
 
-Statistics (stated in report.md too): a cell's score on a benchmark is its `rougeL_mean`, the
-mean over its *evaluation* seeds. An entry is the mean of those scores over the cell's
-*training* seeds, ± their sample std (ddof=1; "–" with one seed). FKL - RKL is computed per
-training seed present in both (paired), reported as mean ± sample std of the paired
-differences.
+Statistics (stated in report.md too; the math lives in distill.stats): a cell's score on a
+benchmark is its `rougeL_mean`, the mean over its *evaluation* seeds. An entry is the mean of
+those scores over the cell's *training* seeds, ± their sample std (ddof=1; "–" with one seed).
+Comparisons are paired by training seed: mean per-seed difference, 95% t interval (n-1 df),
+bootstrap interval when n >= 5, a verdict naming the test, and for unresolved ones the training
+seeds a paired t-test would need for 80% power at the observed difference and spread.
 
 With `--wandb ENTITY/PROJECT --group SWEEP` the same fields come from the W&B API instead
 of the files (see `records_from_wandb`).
@@ -36,6 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
+from distill import stats
+
 SCHEMA_VERSION = 1
 FINISHED = "completed"
 # status of a cell as the report sees it: the three metrics.json states plus what the
@@ -44,6 +51,9 @@ PROBLEM_STATUSES = ("running", "failed", "missing", "unreadable", "superseded")
 CELL_DIR_RE = re.compile(r"^.+-[0-9a-f]{8}$")  # <name>-<8-hex signature>
 # canonical order (and colour) of the objectives, as in the paper's tables
 DIVERGENCE_ORDER = ("sft", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
+SFT = "sft"   # the divergence of a kd_ratio=0 cell: cross-entropy only, no teacher, so tau does not apply
+# cell fields that mean nothing for an SFT cell (never part of its row label)
+SFT_MOOT_KEYS = ("kd_ratio", "teacher", "tau_target", "tau_squared")
 # per-cell identifiers inside `cell` that say nothing about the objective (never grouped on)
 IDENTITY_KEYS = ("signature", "name")
 REPORT_FILES = ("report.md", "report.csv", "report.png")
@@ -138,9 +148,19 @@ def dedupe(cells: list[Cell]) -> list[Cell]:
 
 @dataclass
 class Stat:
-    """Scores of one (benchmark, objective, tau) entry, one per training seed."""
+    """Scores of one (benchmark, objective, tau) entry, one per training seed.
+
+    `eval_by_seed[s]` holds training seed s's scores per evaluation seed (`rougeL_per_seed`), whose
+    mean is `by_seed[s]`; empty for differences and for cells that did not record them.
+    """
 
     by_seed: dict[int, float] = field(default_factory=dict)
+    eval_by_seed: dict[int, list[float]] = field(default_factory=dict)
+
+    @property
+    def variance(self) -> stats.VarianceSplit:
+        """Training-seed spread next to eval-seed spread (see distill.stats.variance_split)."""
+        return stats.variance_split([self.eval_by_seed.get(s) or [v] for s, v in self.by_seed.items()])
 
     @property
     def n(self) -> int:
@@ -193,13 +213,21 @@ def objectives(cells: Iterable[Cell]) -> dict[str, Objective]:
     """Map each completed cell dir to its Objective (row label).
 
     Only fields that take more than one value across the completed cells show up in the
-    label, so a plain divergence x tau x seed sweep has rows 'fkl', 'rkl', ...
+    label, so a plain divergence x tau x seed sweep has rows 'fkl', 'rkl', ... SFT cells
+    (kd_ratio=0, divergence 'sft') and distilled cells are looked at apart: that an SFT cell has
+    kd_ratio 0 and no teacher is what makes it SFT, not a field that varies in the sweep.
     """
     done = [c for c in cells if c.status == FINISHED]
     skip = {"divergence", "divergence_params", "tau", "seed"}
-    keys = sorted({k for c in done for k in c.label_source} - skip)
-    # a field varies if it takes two values (absent counts as a value) across completed cells
-    ctx_keys = [k for k in keys if len({json.dumps(c.label_source.get(k), sort_keys=True) for c in done}) > 1]
+
+    def varying(group: list[Cell], ignore: Iterable[str] = ()) -> list[str]:
+        # a field varies if it takes two values (absent counts as a value) across the group
+        keys = sorted({k for c in group for k in c.label_source} - skip - set(ignore))
+        return [k for k in keys if len({json.dumps(c.label_source.get(k), sort_keys=True) for c in group}) > 1]
+
+    sft = [c for c in done if c.label_source["divergence"] == SFT]
+    distilled = [c for c in done if c.label_source["divergence"] != SFT]
+    ctx_keys = {SFT: varying(sft, SFT_MOOT_KEYS), "distilled": varying(distilled)}
     params_seen: dict[tuple[str, str], set[str]] = {}
     for c in done:
         div = c.label_source["divergence"]
@@ -209,11 +237,44 @@ def objectives(cells: Iterable[Cell]) -> dict[str, Objective]:
     for c in done:
         src = c.label_source
         div = src["divergence"]
-        params = tuple(sorted((k, v) for k, v in (src.get("divergence_params") or {}).items()
-                              if len(params_seen[(div, k)]) > 1))
-        context = tuple((k, src.get(k)) for k in ctx_keys)
+        params = () if div == SFT else tuple(sorted((k, v) for k, v in (src.get("divergence_params") or {}).items()
+                                                   if len(params_seen[(div, k)]) > 1))
+        context = tuple((k, src.get(k)) for k in ctx_keys[SFT if div == SFT else "distilled"])
         out[c.dir] = Objective(div, params, context)
     return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison the report makes: a - b at one tau on one benchmark."""
+
+    kind: str              # 'fkl-rkl' | 'best-second' | 'vs-sft'
+    bench: str
+    tau: float
+    a: Objective
+    b: Objective
+    diff: Stat             # per training seed a - b
+    test: stats.PairedTest
+
+    @property
+    def name(self) -> str:
+        """'fkl − rkl'; the row label of report.csv uses `csv_row`."""
+        return f"{self.a.label} − {self.b.label}"
+
+    @property
+    def csv_row(self) -> str:
+        if self.kind == "fkl-rkl":   # the historical label, e.g. 'fkl-rkl (model=x)'
+            return "fkl-rkl" + self.a.label[len("fkl"):]
+        if self.kind == "best-second":
+            return f"best-second ({self.a.label} - {self.b.label})"
+        return f"{self.a.label} - {self.b.label}"
+
+    @property
+    def verdict(self) -> str:
+        return stats.verdict(self.test, self.a.label, self.b.label)
+
+
+COMPARISON_KINDS = {"fkl-rkl": "FKL − RKL", "best-second": "best − second", "vs-sft": "objective − SFT"}
 
 
 @dataclass
@@ -225,6 +286,7 @@ class Summary:
     rows: list[Objective]
     stats: dict[tuple[str, Objective, float], Stat]   # (benchmark, objective, tau) -> Stat
     cells: list[Cell]
+    _comparisons: dict[str, list[Comparison]] = field(default_factory=dict, repr=False)
 
     def get(self, bench: str, obj: Objective, tau: float) -> Stat | None:
         return self.stats.get((bench, obj, tau))
@@ -247,6 +309,21 @@ class Summary:
                         pairs.append((f, r))
         return pairs
 
+    def baseline(self, obj: Objective) -> Objective | None:
+        """The SFT row `obj` is compared with: the one whose varying fields `obj`'s cells share.
+
+        With one SFT row (the usual case) that row; None when there is none or no unique match.
+        """
+        if obj.divergence == SFT:
+            return None
+        sft_rows = [o for o in self.rows if o.divergence == SFT]
+        if len(sft_rows) <= 1:
+            return sft_rows[0] if sft_rows else None
+        objs = objectives(self.cells)
+        srcs = [c.label_source for c in self.cells if c.dir in objs and objs[c.dir] == obj]
+        match = [r for r in sft_rows if all(all(src.get(k) == v for k, v in r.context) for src in srcs)]
+        return match[0] if len(match) == 1 else None
+
     def difference(self, bench: str, a: Objective, b: Objective, tau: float) -> Stat:
         """a - b per training seed present in both (paired); empty Stat if none."""
         sa, sb = self.get(bench, a, tau), self.get(bench, b, tau)
@@ -254,11 +331,42 @@ class Summary:
             return Stat()
         return Stat({s: sa.by_seed[s] - sb.by_seed[s] for s in sorted(sa.by_seed.keys() & sb.by_seed.keys())})
 
+    def compare(self, kind: str, bench: str, a: Objective, b: Objective, tau: float) -> Comparison:
+        """The paired comparison a - b (per-seed differences, t test, bootstrap, seeds needed)."""
+        d = self.difference(bench, a, b, tau)
+        return Comparison(kind, bench, tau, a, b, d, stats.paired_test(list(d.by_seed.values())))
+
+    def comparisons(self, bench: str) -> list[Comparison]:
+        """Every paired comparison the report makes on `bench`, in report order (computed once).
+
+        Per tau: FKL - RKL (each matching pair of rows), best - second (the two highest means; SFT
+        counts as a row), and every distilled objective - its SFT baseline. Only comparisons with at
+        least one paired seed.
+        """
+        if bench not in self._comparisons:
+            out = []
+            for t in self.taus:
+                for f, r in self.fkl_rkl_pairs():
+                    out.append(self.compare("fkl-rkl", bench, f, r, t))
+                ranked = sorted(((s.mean, i, o) for i, o in enumerate(self.rows)
+                                 if (s := self.get(bench, o, t)) and s.n), key=lambda e: (-e[0], e[1]))
+                if len(ranked) >= 2:
+                    out.append(self.compare("best-second", bench, ranked[0][2], ranked[1][2], t))
+                for o in self.rows:
+                    if (base := self.baseline(o)) is not None:
+                        out.append(self.compare("vs-sft", bench, o, base, t))
+            self._comparisons[bench] = [c for c in out if c.diff.n]
+        return self._comparisons[bench]
+
 
 def summarize(cells: list[Cell]) -> Summary:
-    """Group completed cells into (benchmark, objective, tau) entries over training seeds."""
+    """Group completed cells into (benchmark, objective, tau) entries over training seeds.
+
+    An SFT row run at a single tau (tau does not apply to it) fills every tau column, so each
+    distilled objective can be compared with it at each tau, paired by training seed.
+    """
     objs = objectives(cells)
-    stats: dict[tuple[str, Objective, float], Stat] = {}
+    entries: dict[tuple[str, Objective, float], Stat] = {}
     benchmarks: list[str] = []
     for c in cells:
         if c.status != FINISHED:
@@ -267,10 +375,26 @@ def summarize(cells: list[Cell]) -> Summary:
         for bench, ev in c.metrics["eval"].items():
             if bench not in benchmarks:
                 benchmarks.append(bench)
-            stats.setdefault((bench, objs[c.dir], tau), Stat()).by_seed[seed] = float(ev["rougeL_mean"])
+            st = entries.setdefault((bench, objs[c.dir], tau), Stat())
+            st.by_seed[seed] = float(ev["rougeL_mean"])
+            per_eval_seed = ev.get("rougeL_per_seed")
+            if isinstance(per_eval_seed, list) and per_eval_seed:
+                st.eval_by_seed[seed] = [float(x) for x in per_eval_seed]
     rows = sorted(set(objs.values()), key=Objective.sort_key)
-    taus = sorted({k[2] for k in stats})
-    return Summary(benchmarks, taus, rows, stats, cells)
+    distilled_taus = sorted({k[2] for k in entries if k[1].divergence != SFT})
+    for o in rows:
+        sft_taus = {k[2] for k in entries if k[1] == o} if o.divergence == SFT else set()
+        if len(sft_taus) == 1 and distilled_taus:
+            (own,) = sft_taus
+            for bench in benchmarks:
+                if (st := entries.get((bench, o, own))) is not None:
+                    for t in distilled_taus:
+                        entries[(bench, o, t)] = st
+            if own not in distilled_taus:
+                for bench in benchmarks:
+                    entries.pop((bench, o, own), None)
+    taus = sorted({k[2] for k in entries})
+    return Summary(benchmarks, taus, rows, entries, cells)
 
 
 # ----------------------------------------------------------------------------- words
@@ -287,46 +411,92 @@ def _signed(x: float) -> str:
     return f"{x:+.1f}"
 
 
-def _vs_spread(d: Stat) -> str:
-    """'+1.2 ± 1.1 over 2 paired seeds, beyond the spread': a paired difference and its std.
+def _ci(t: stats.PairedTest, boot: bool = False) -> str:
+    """'[-10.1, -3.5]': the t interval (or the bootstrap one); '–' when there is none."""
+    lo, hi = (t.boot_low, t.boot_high) if boot else (t.ci_low, t.ci_high)
+    return "–" if math.isnan(lo) else f"[{_signed(lo)}, {_signed(hi)}]"
 
-    'beyond the spread' means |mean difference| > std of the per-seed differences.
-    """
-    if d.n < 2:
-        return f"{_signed(d.mean)}, one seed: no spread"
-    where = "beyond" if abs(d.mean) > d.std else "within"
-    return f"{_signed(d.mean)} ± {d.std:.1f} over {d.n} paired seeds, {where} the spread"
+
+def _diff_words(t: stats.PairedTest) -> str:
+    """'-6.8, 95% CI [-10.1, -3.5], excludes 0 (paired t, n=3)' or the unresolved form with seeds needed."""
+    if t.n < 2 or t.sd == 0.0:
+        return f"{_signed(t.mean)}, {stats.verdict(t, 'a', 'b')}"
+    head = f"{_signed(t.mean)}, 95% CI {_ci(t)}"
+    if t.resolved:
+        return f"{head}, excludes 0 ({stats.T_TEST}, n={t.n})"
+    need = stats.seeds_phrase(t)
+    return f"{head}, not resolved with {t.n} seeds ({stats.T_TEST})" + (f"; power: {need}" if need else "")
 
 
 def describe(summary: Summary, bench: str, fkl: Objective, rkl: Objective) -> str:
-    """One sentence on FKL vs RKL for a benchmark: who leads at tau=1, does FKL overtake later."""
+    """One sentence on FKL vs RKL for a benchmark: who leads at tau=1, does FKL overtake later.
+
+    Leads and overtakes are about the means; each difference carries its paired-t CI and verdict.
+    """
     taus = [t for t in summary.taus if summary.difference(bench, fkl, rkl, t).n]
     if not taus:
         return f"No training seed has both {fkl.label} and {rkl.label} completed on {bench}, so they cannot be compared."
+    tests = {t: summary.compare("fkl-rkl", bench, fkl, rkl, t).test for t in taus}
     ref = 1.0 if 1.0 in taus else taus[0]
-    d = summary.difference(bench, fkl, rkl, ref)
+    d = tests[ref]
     at = f"τ={_fmt_value(ref)}" + ("" if ref == 1.0 else " (the lowest τ with both; τ=1 was not run)")
     lead = round(d.mean, 1)   # what the table shows: a 0.0 difference is a tie
     if lead < 0:
-        first = f"At {at} RKL leads FKL by {-d.mean:.1f} ROUGE-L (FKL − RKL = {_vs_spread(d)})"
+        first = f"At {at} RKL leads FKL by {-d.mean:.1f} ROUGE-L on the mean (FKL − RKL = {_diff_words(d)})"
     elif lead > 0:
-        first = f"At {at} RKL does not lead: FKL is ahead by {d.mean:.1f} ROUGE-L (FKL − RKL = {_vs_spread(d)})"
+        first = f"At {at} RKL does not lead: FKL is ahead by {d.mean:.1f} ROUGE-L on the mean (FKL − RKL = {_diff_words(d)})"
     else:
-        first = f"At {at} FKL and RKL tie (FKL − RKL = {_vs_spread(d)})"
+        first = f"At {at} FKL and RKL tie (FKL − RKL = {_diff_words(d)})"
     higher = [t for t in taus if t > ref]
     if not higher:
         return first + "; no higher τ was run with both."
-    diffs = {t: summary.difference(bench, fkl, rkl, t) for t in higher}
-    listing = lambda ts: ", ".join(f"τ={_fmt_value(t)} ({_vs_spread(diffs[t])})" for t in ts)
-    ahead = [t for t in higher if round(diffs[t].mean, 1) > 0]
+    listing = lambda ts: ", ".join(f"τ={_fmt_value(t)} ({_diff_words(tests[t])})" for t in ts)
+    ahead = [t for t in higher if round(tests[t].mean, 1) > 0]
     rest = [t for t in higher if t not in ahead]
     if lead > 0:
         tail = f"; at higher τ FKL − RKL is {listing(higher)}"
     elif ahead:
-        tail = f"; FKL overtakes RKL at {listing(ahead)}" + (f", but not at {listing(rest)}" if rest else "")
+        tail = f"; FKL's mean overtakes RKL's at {listing(ahead)}" + (f", but not at {listing(rest)}" if rest else "")
     else:
-        tail = f"; FKL does not overtake RKL at any higher τ: {listing(higher)}"
+        tail = f"; FKL's mean does not overtake RKL's at any higher τ: {listing(higher)}"
     return first + tail + "."
+
+
+def describe_variance(summary: Summary, bench: str) -> str:
+    """A sentence on which source of variance dominates the entries of `bench` (see stats.variance_split)."""
+    seen, splits = set(), []
+    for o in summary.rows:
+        for t in summary.taus:
+            s = summary.get(bench, o, t)
+            if s is None or id(s) in seen:   # the SFT row is the same entry in every tau column
+                continue
+            seen.add(id(s))
+            v = s.variance
+            if v.n_train >= 2 and v.n_eval >= 2 and math.isfinite(v.eval_share):
+                splits.append(v)
+    if not splits:
+        return ("Variance: the two sources cannot be told apart here (it needs ≥ 2 training seeds and ≥ 2 "
+                "eval seeds per entry, with per-eval-seed scores in metrics.json).")
+    med = lambda xs: float(np.median(xs))
+    share = med([v.eval_share for v in splits])
+    k = med([v.n_eval for v in splits])
+    eval_std, train_std = med([v.eval_std for v in splits]), med([v.train_std for v in splits])
+    who = stats.dominant_source(share)
+    agree = sum(v.dominant == who for v in splits)
+    what = (f"over the {len(splits)} entries with ≥ 2 training and ≥ 2 eval seeds, the median spread over "
+            f"training seeds is {train_std:.2f} (std of the cell scores) and over eval seeds {eval_std:.2f} "
+            f"(pooled std within a training seed, {k:g} eval seeds, so ± {eval_std / math.sqrt(k):.2f} on a cell's "
+            f"score): eval sampling explains a median {share:.0%} of the variance between training seeds")
+    if who == "training seeds":
+        verdict = (f"**training seeds dominate** ({agree} of {len(splits)} entries taken one by one): more training seeds, not "
+                   "more eval seeds, would narrow the comparisons")
+    elif who == "eval sampling":
+        verdict = (f"**eval sampling dominates** ({agree} of {len(splits)} entries taken one by one): more eval seeds or examples "
+                   "would narrow the comparisons as much as more training seeds")
+    else:
+        verdict = (f"neither source dominates (each within 3x of the other; {agree} of {len(splits)} entries "
+                   "taken one by one)")
+    return f"Variance: {what}; {verdict}."
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -337,14 +507,27 @@ def render_markdown(summary: Summary, sweep: str) -> str:
     counts = {s: sum(c.status == s for c in cells) for s in (FINISHED,) + PROBLEM_STATUSES}
     lines = [f"# Sweep report: {sweep}", ""]
     lines.append(f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".")
+    n_comp = sum(len(summary.comparisons(b)) for b in summary.benchmarks)
+    has_sft = any(o.divergence == SFT for o in summary.rows)
     lines += ["", "Each entry is ROUGE-L (F1 x 100) **mean ± std over training seeds** (sample std, ddof=1; "
               "no ± with one seed) with the number of seeds n; a cell's score is itself the mean over its "
-              "evaluation seeds (`rougeL_mean`). **Bold** = best objective at that τ (highest mean). "
-              "FKL − RKL is paired by training seed: mean ± std of the per-seed differences, n = pairs; "
-              "a difference is 'beyond the spread' when its |mean| exceeds that std.", ""]
+              "evaluation seeds (`rougeL_mean`). **Bold** = best objective at that τ (highest mean)."
+              + (" `sft` = the cells trained with cross-entropy only (kd_ratio=0, no teacher): τ does not apply "
+                 "to them, so the same cells fill every τ column." if has_sft else ""), "",
+              "Comparisons are **paired by training seed**: the mean of the per-seed differences a − b with its "
+              f"**95% CI from the t distribution with n − 1 df** (`scipy.stats.ttest_rel`), a paired bootstrap CI "
+              f"beside it when n ≥ {stats.BOOTSTRAP_MIN_N} (`scipy.stats.bootstrap`, BCa, resampling seeds), and "
+              "a verdict naming the test: resolved when the t interval excludes 0. For an unresolved comparison, "
+              f"*seeds for {stats.POWER:.0%} power* is a standard power calculation (two-sided paired t-test, "
+              f"α = {stats.ALPHA:g}, power from the noncentral t, `scipy.stats.nct`): roughly how many training "
+              "seeds would resolve a true difference of the observed size at the observed spread; with few seeds "
+              "the spread is itself uncertain, so read it as an order of magnitude. Each interval is for its own "
+              f"comparison, not corrected for the {n_comp} comparisons in this report (at 95%, about 1 in 20 "
+              "would exclude 0 by chance if nothing differed).", ""]
     taus = summary.taus
     head = "| objective | " + " | ".join(f"τ={_fmt_value(t)}" for t in taus) + " |"
     rule = "|---|" + "---|" * len(taus)
+    any_boot = any(c.test.has_bootstrap for b in summary.benchmarks for c in summary.comparisons(b))
     for bench in summary.benchmarks:
         lines += [f"## {bench}", "", head, rule]
         best = {t: summary.best(bench, t) for t in taus}
@@ -362,10 +545,12 @@ def render_markdown(summary: Summary, sweep: str) -> str:
         for f, r in pairs:
             row = []
             for t in taus:
-                d = summary.difference(bench, f, r, t)
-                row.append("–" if not d.n else f"{_pm(d, signed=True)} (n={d.n})")
+                c = summary.compare("fkl-rkl", bench, f, r, t)
+                row.append("–" if not c.diff.n else
+                           f"{_signed(c.test.mean)}" + (f" {_ci(c.test)}" if math.isfinite(c.test.ci_low) else "")
+                           + f" (n={c.diff.n})")
             name = "FKL − RKL" + (f" ({', '.join(f'{k}={_fmt_value(v)}' for k, v in f.params + f.context)})"
-                                  if f.params or f.context else "")
+                                  if f.params or f.context else "") + " [95% CI]"
             lines.append(f"| {name} | " + " | ".join(row) + " |")
         lines.append("")
         for f, r in pairs:
@@ -373,10 +558,38 @@ def render_markdown(summary: Summary, sweep: str) -> str:
         if not pairs:
             lines.append("FKL and RKL were not both run, so there is no FKL − RKL comparison.")
         lines.append("")
+        lines += render_comparisons(summary.comparisons(bench), any_boot)
+        lines += [describe_variance(summary, bench), ""]
     if not summary.benchmarks:
         lines += ["No completed cell yet, so there are no scores.", ""]
     lines += render_problems(cells)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_comparisons(comps: list[Comparison], bootstrap_column: bool) -> list[str]:
+    """Markdown table of a benchmark's paired comparisons."""
+    if not comps:
+        return []
+    power = f"seeds for {stats.POWER:.0%} power"
+    head = ["τ", "comparison", "mean a − b", "95% CI (paired t)"] + (["95% CI (bootstrap)"] if bootstrap_column else [])
+    lines = ["Paired comparisons:", "", "| " + " | ".join(head + ["verdict", power]) + " |",
+             "|" + "---|" * (len(head) + 2)]
+    # a best - second pair that is also an FKL - RKL or objective - SFT pair is one row with both names
+    pair = lambda c: (c.tau, frozenset((c.a, c.b)))
+    also_best = {pair(c) for c in comps if c.kind == "best-second"}
+    shown = {pair(c) for c in comps if c.kind != "best-second"}
+    for c in comps:
+        if c.kind == "best-second" and pair(c) in shown:
+            continue
+        kind = COMPARISON_KINDS[c.kind] + ("; best − second" if c.kind != "best-second" and pair(c) in also_best else "")
+        cols = [f"τ={_fmt_value(c.tau)}", f"{c.name} ({kind})", _signed(c.test.mean), _ci(c.test)]
+        if bootstrap_column:
+            cols.append(_ci(c.test, boot=True) if c.test.has_bootstrap else f"– (n < {stats.BOOTSTRAP_MIN_N})")
+        cols += [c.verdict, stats.seeds_phrase(c.test) or "–"]
+        lines.append("| " + " | ".join(cols) + " |")
+    if not bootstrap_column:
+        lines += ["", f"(No bootstrap column: every comparison has fewer than {stats.BOOTSTRAP_MIN_N} paired seeds.)"]
+    return lines + [""]
 
 
 def render_problems(cells: list[Cell]) -> list[str]:
@@ -395,31 +608,63 @@ def render_problems(cells: list[Cell]) -> list[str]:
     return lines + [""]
 
 
+CSV_COLUMNS = ["benchmark", "row", "divergence", "tau", "rougeL_mean", "rougeL_std", "n", "seeds", "best",
+               "eval_seed_std", "n_eval_seeds", "eval_share", "comparison", "ci_low", "ci_high", "boot_low",
+               "boot_high", "p_value", "test", "verdict", "seeds_needed"]
+
+
 def render_csv(summary: Summary) -> str:
-    """Long-form CSV: benchmark, row, divergence, tau, mean, std, n, seeds, best."""
+    """Long-form CSV, one row per benchmark x tau x (objective | comparison).
+
+    Objective rows: rougeL_mean/rougeL_std/n over training seeds (rougeL_std is the training-seed
+    spread), eval_seed_std (pooled std over eval seeds), n_eval_seeds and eval_share (the share of
+    the between-training-seed variance that eval sampling explains). Comparison rows (`comparison`
+    = fkl-rkl | best-second | vs-sft): rougeL_mean/rougeL_std/n of the per-seed differences,
+    the paired-t CI (ci_low, ci_high), the bootstrap CI (n >= 5), p_value, test, verdict and
+    seeds_needed (unresolved only; > MAX_SEEDS written as '>1000').
+    """
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["benchmark", "row", "divergence", "tau", "rougeL_mean", "rougeL_std", "n", "seeds", "best"])
-    num = lambda x: "" if math.isnan(x) else f"{x:.4f}"
+    w.writerow(CSV_COLUMNS)
+    num = lambda x: "" if x is None or not math.isfinite(x) else f"{x:.4f}"
     for bench in summary.benchmarks:
+        comps = summary.comparisons(bench)
         for t in summary.taus:
             best = summary.best(bench, t)
             for o in summary.rows:
                 s = summary.get(bench, o, t)
                 if s and s.n:
+                    v = s.variance
                     w.writerow([bench, o.label, o.divergence, _fmt_value(t), num(s.mean), num(s.std), s.n,
-                                " ".join(map(str, s.by_seed)), int(o in best)])
-            for f, r in summary.fkl_rkl_pairs():
-                d = summary.difference(bench, f, r, t)
-                if d.n:
-                    label = "fkl-rkl" + f.label[len("fkl"):]
-                    w.writerow([bench, label, "", _fmt_value(t), num(d.mean), num(d.std), d.n,
-                                " ".join(map(str, d.by_seed)), ""])
+                                " ".join(map(str, s.by_seed)), int(o in best), num(v.eval_std),
+                                num(v.n_eval), num(v.eval_share)] + [""] * 9)
+            for c in comps:
+                if c.tau != t:
+                    continue
+                pt = c.test
+                need = pt.seeds_needed
+                need_txt = "" if need is None or pt.resolved else (f">{stats.MAX_SEEDS}" if need > stats.MAX_SEEDS else need)
+                w.writerow([bench, c.csv_row, "", _fmt_value(t), num(pt.mean), num(pt.sd), pt.n,
+                            " ".join(map(str, c.diff.by_seed)), "", "", "", "", c.kind, num(pt.ci_low),
+                            num(pt.ci_high), num(pt.boot_low), num(pt.boot_high), num(pt.p_value), pt.test,
+                            c.verdict, need_txt])
     return buf.getvalue()
 
 
+def plot_caption(summary: Summary, sweep: str) -> str:
+    """The plot's title: what the points and the error bars are."""
+    ns = sorted({s.n for s in summary.stats.values() if s.n})
+    n_txt = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]}" if ns else "n = 0"
+    return (f"ROUGE-L vs distillation temperature — sweep '{sweep}'\n"
+            f"points: mean over training seeds ({n_txt})\n"
+            "error bars, SFT band: ± 1 sample std over training seeds (not a CI)")
+
+
 def render_png(summary: Summary, sweep: str, path: Path) -> None:
-    """ROUGE-L vs tau, one panel per benchmark, one line (± std) per objective."""
+    """ROUGE-L vs tau, one panel per benchmark, one line (± 1 std over training seeds) per objective.
+
+    An SFT row that fills every tau column is drawn as a dashed level with a ± 1 std band.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,6 +687,13 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             # a fixed colour per divergence across reports (fkl blue, rkl orange, ...), sft last
             colours = DIVERGENCE_ORDER[1:] + DIVERGENCE_ORDER[:1]
             ci = colours.index(o.divergence) if o.divergence in colours else i
+            if o.divergence == SFT and len({id(s) for _, s in pts}) == 1:
+                # tau does not apply to SFT: one level across the plot, its ± 1 std as a band
+                s = pts[0][1]
+                sd = 0.0 if math.isnan(s.std) else s.std
+                ax.axhline(s.mean, color="0.35", linestyle="--", linewidth=1.5, label=f"{o.label} (no τ)")
+                ax.axhspan(s.mean - sd, s.mean + sd, color="0.5", alpha=0.15, linewidth=0)
+                continue
             xs = [t * offsets[o] for t, _ in pts]
             ys = [s.mean for _, s in pts]
             es = [0.0 if math.isnan(s.std) else s.std for _, s in pts]
@@ -465,8 +717,7 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False,
                    bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(f"ROUGE-L vs distillation temperature — sweep '{sweep}'\n"
-                 "mean over training seeds, error bars ± 1 std", fontsize=12)
+    fig.suptitle(plot_caption(summary, sweep), fontsize=11 if ncol > 1 else 9.5)
     fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 0.98))
     with _atomic(path, "wb") as f:
         fig.savefig(f, format="png", dpi=130)

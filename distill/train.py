@@ -1,12 +1,18 @@
-"""`distill-train`: one grid cell (model pair x divergence x tau x data x seed), top to bottom.
+"""`distill-train`: one grid cell (model pair x divergence x tau x data x seed), as a recipe.
 
     distill-train divergence=rkl tau=2 model=toy
     distill-train -m divergence=fkl,rkl tau=1,2,4            # a grid
     distill-train -m +sweep=demo hydra/launcher=slurm        # a sweep file on SLURM
 
-Flow: validate config -> distributed env -> run dir from the config signature (skip if done) -> data ->
-teacher (frozen) + student (DeepSpeed ZeRO) -> resume from the latest checkpoint -> train with periodic
-validation and checkpoints -> export the student as a HF model -> generation + ROUGE-L -> metrics.json.
+`run_cell` reads as the recipe's public pieces, which benchmarks and other loops (on-policy) call too:
+
+    cell = setup(cfg)            # config checks, distributed env, run dir (a finished cell is skipped before),
+                                 # tracker, data, tokenizer, teacher (frozen) or its cache, student (DeepSpeed
+                                 # ZeRO) resumed from its latest checkpoint
+    train_step(cell, step)       # one optimizer step: micro-batches, exact accumulation, engine.step
+    after_step(cell, result)     # train log, validate(cell), checkpoint on their cadence
+    finish(cell)                 # final validation, HF export, generation + ROUGE-L, metrics.json
+
 Side effects (files, W&B, progress bar) happen on rank 0 only.
 """
 
@@ -17,6 +23,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +39,9 @@ from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, models, runs
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
-from distill.config import ConfigError, validate
+from distill.config import ConfigError
+from distill.config import validate as check_config
+from distill.teacher_cache import TeacherCache
 from distill.tracking import Tracker
 
 log = logging.getLogger("distill.train")
@@ -145,191 +156,345 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- the cell
-def run_cell(cfg: DictConfig) -> dict[str, Any]:
-    """Train + evaluate one cell; return its metrics dict (also written to `<run_dir>/metrics.json`)."""
-    validate(cfg)
+@dataclass
+class Progress:
+    """Where training stands: `step` and `tokens` are checkpointed; the rest is this attempt's bookkeeping."""
+
+    step: int = 0              # optimizer steps done
+    tokens: int = 0            # global response tokens trained on
+    tokens_at_start: int = 0   # `tokens` when this attempt started (resume): throughput counts from here
+    t_start: float = 0.0       # wall clock when this attempt's training started
+    loss_sum: float = 0.0      # this rank's micro-batch losses since the last train log
+    loss_steps: int = 0        # optimizer steps since the last train log
+
+
+@dataclass
+class Cell:
+    """One cell's job between `setup` and `finish`: what `train_step`, `validate` and `finish` work on."""
+
+    cfg: DictConfig
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    splits: data_mod.DataSplits
+    tokenizer: Any
+    train_examples: list[dict]   # encoded train split; `sample_indices` draws from it
+    val_batches: list[dict]      # collated, the same number per rank
+    engine: Any                  # the student under DeepSpeed (None once `finish` exported it)
+    teacher: torch.nn.Module | None    # frozen, outside DeepSpeed; None for SFT (kd_ratio=0)
+    cache: TeacherCache | None         # the teacher's outputs on `train_examples` (loss.teacher_cache)
+    tracker: Tracker
+    metrics: dict[str, Any]      # what metrics.json will hold
+    progress: Progress
+    bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
+
+
+def init_process(cfg: DictConfig) -> tuple[int, int, torch.device]:
+    """Check the config, then join (or start) the process group: (rank, world size, device). Idempotent."""
+    check_config(cfg)
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
     rank, world = eng.setup_distributed(int(cfg.trainer.dist_timeout_s))
-    validate(cfg, world_size=world)
-    device = eng.device_for(int(os.environ.get("LOCAL_RANK", 0)))
-    sig = runs.signature(cfg)
-    name = runs.cell_name(cfg)
+    check_config(cfg, world_size=world)
+    return rank, world, eng.device_for(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(cfg: DictConfig) -> Cell:
+    """Everything a cell trains with: run dir, tracker, data, tokenizer, teacher (or its cache), the student
+    under DeepSpeed resumed from its latest checkpoint, validation batches.
+
+    Collective (every rank calls it). A failure here is recorded like one in training: metrics.json says
+    "failed" (rank 0) and the W&B run closes with exit code 1.
+    """
+    rank, world, device = init_process(cfg)
+    rdir = _open_run_dir(cfg, rank)
+    metrics = _initial_metrics(cfg, rdir)
+    tracker = Tracker(
+        cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
+        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}"],
+        config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
+    )
+    with _failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
+        if rank == 0:
+            runs.atomic_write_json(rdir / runs.METRICS_FILE, {**metrics, "updated_at": runs.now_iso()})
+        splits, tokenizer = load_data_and_tokenizer(cfg)
+        trunc = data_mod.TruncationStats()
+        train_ex = data_mod.encode_records(tokenizer, splits.train, cfg.data, trunc)
+        val_ex = data_mod.encode_records(tokenizer, splits.valid, cfg.data, trunc)
+        if trunc.prompts_truncated or trunc.responses_truncated:
+            log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
+                        int(cfg.data.max_length), trunc.as_dict())
+        teacher, cache, engine = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank, world=world)
+        progress = _resume(engine, rdir)
+        metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict()}
+        val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world)
+        bar = None
+        if rank == 0 and cfg.trainer.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=int(cfg.trainer.max_steps), initial=progress.step, desc=metrics["name"], unit="step",
+                       dynamic_ncols=True)
+        progress.t_start = time.time()
+        engine.train()
+    return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, splits=splits, tokenizer=tokenizer,
+                train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
+                tracker=tracker, metrics=metrics, progress=progress, bar=bar)
+
+
+def _open_run_dir(cfg: DictConfig, rank: int) -> Path:
+    """The cell's run dir with its config.yaml (rank 0; force=true drops old checkpoints), all ranks synced."""
     rdir = runs.run_dir(cfg)
-    if runs.is_completed(rdir) and not cfg.force:
-        log.info("skip %s: %s already completed (force=true reruns it)", name, rdir)
-        return runs.read_metrics(rdir)
     if rank == 0:
         if cfg.force:
             shutil.rmtree(rdir / eng.CKPT_DIR, ignore_errors=True)
         rdir.mkdir(parents=True, exist_ok=True)
         runs.atomic_write_text(rdir / "config.yaml", OmegaConf.to_yaml(runs.redact(OmegaConf.to_container(cfg, resolve=True))))
     dist.barrier()
+    return rdir
 
-    metrics: dict[str, Any] = {
-        "schema_version": runs.SCHEMA_VERSION, "status": "running", "signature": sig, "name": name,
+
+def _initial_metrics(cfg: DictConfig, rdir: Path) -> dict[str, Any]:
+    sig = runs.signature(cfg)
+    return {
+        "schema_version": runs.SCHEMA_VERSION, "status": "running", "signature": sig, "name": runs.cell_name(cfg),
         "sweep": cfg.sweep_name, "cell": cell_identity(cfg, sig), "run_dir": str(rdir),
     }
-    tracker = Tracker(
-        cfg.logger, run_id=f"{name}-{sig}", name=name, group=cfg.sweep_name,
-        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}"],
-        config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
-    )
-    exit_code = 1
+
+
+@contextmanager
+def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tracker: Tracker) -> Iterator[None]:
+    """On an error: metrics.json says failed (rank 0), the W&B run closes with exit code 1, the error propagates."""
     try:
-        metrics = _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir)
-        exit_code = 0
-        return metrics
-    except Exception as exc:
-        if rank == 0:
+        yield
+    except BaseException as exc:
+        if rank == 0 and isinstance(exc, Exception):
             metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}", updated_at=runs.now_iso())
-            runs.atomic_write_json(rdir / runs.METRICS_FILE, metrics)
+            runs.atomic_write_json(run_dir / runs.METRICS_FILE, metrics)
+        tracker.finish(1)
         raise
-    finally:
-        tracker.finish(exit_code)
 
 
-def _train_and_evaluate(cfg, metrics, tracker, rank, world, device, rdir):
-    tcfg = cfg.trainer
-    if rank == 0:
-        runs.atomic_write_json(rdir / runs.METRICS_FILE, {**metrics, "updated_at": runs.now_iso()})
-
-    # Data + tokenizer (the embedded suite brings its own tokenizer).
+def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
+    """The data splits and the tokenizer (the embedded suite brings its own)."""
     splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir))
     tok_path = cfg.model.get("tokenizer") or splits.tokenizer_dir
     if tok_path is None:
         raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
-    tokenizer = models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
-    max_len, max_prompt = int(cfg.data.max_length), int(cfg.data.max_prompt_length)
-    # The target paraphrase is fixed per example (not per training seed), so every cell of a grid
-    # teacher-forces the same sequences and can share one teacher cache.
-    trunc = data_mod.TruncationStats()
-    encode = lambda recs: [  # noqa: E731
-        data_mod.encode_example(tokenizer, r, template=cfg.data.template, max_length=max_len,
-                                max_prompt_length=max_prompt, target_index=r.target_index(int(cfg.data.get("target_seed", 0))), stats=trunc)
-        for r in recs
-    ]
-    train_ex, val_ex = encode(splits.train), encode(splits.valid)
-    if trunc.prompts_truncated or trunc.responses_truncated:
-        log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", max_prompt, max_len, trunc.as_dict())
-    pad_id = tokenizer.pad_token_id
+    return splits, models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
 
-    # Models: the teacher is frozen, in eval mode, outside DeepSpeed; no teacher at all for SFT.
-    dtype = models.torch_dtype(cfg.trainer.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
+
+def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
+                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any]:
+    """(teacher, teacher cache, student engine). The teacher is frozen, in eval mode, outside DeepSpeed;
+    there is none at all for SFT (kd_ratio=0)."""
+    tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
+    dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
-    teacher = None
+    teacher = cache = None
     if cfg.loss.kd_ratio > 0:
         teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
         teacher.requires_grad_(False).eval().to(device)
         models.check_vocab(student, teacher, tokenizer)
-    cache = None
     if teacher is not None and cfg.loss.teacher_cache:
-        from distill.teacher_cache import TeacherCache
-
         cache = TeacherCache.build_or_load(
-            Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=pad_id,
+            Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
             batch_size=int(tcfg.micro_batch_size), topk=cfg.loss.get("teacher_cache_topk"), device=device,
             dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
         )
-    engine = eng.initialize(student, tcfg, world)
+    return teacher, cache, eng.initialize(student, tcfg, world)
 
+
+def _resume(engine, rdir: Path) -> Progress:
+    """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG); where training stands."""
     state = eng.load_latest_checkpoint(engine, rdir) or {}
-    start_step, tokens_seen = int(state.get("step", 0)), int(state.get("tokens", 0))
+    step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
-    metrics["train"] = {"resumed_from_step": start_step, "truncation": trunc.as_dict()}
+    return Progress(step=step, tokens=tokens, tokens_at_start=tokens)
 
-    mbs, gas, max_steps = int(tcfg.micro_batch_size), int(tcfg.grad_accum), int(tcfg.max_steps)
-    n_val = int(tcfg.val_batches) * world
-    val_batches = [data_mod.collate_train(val_ex[i * mbs:(i + 1) * mbs], pad_id) for i in range(n_val)
-                   if val_ex[i * mbs:(i + 1) * mbs]]
-    val_batches = val_batches[: (len(val_batches) // world) * world]  # equal forwards per rank
 
-    progress = None
-    if rank == 0 and tcfg.progress:
-        from tqdm.auto import tqdm
+def validation_batches(val_ex: list[dict], tcfg: DictConfig, pad_id: int, world: int) -> list[dict]:
+    """`trainer.val_batches` micro-batches per rank from the head of the valid split, equal forwards per rank."""
+    mbs, n_val = int(tcfg.micro_batch_size), int(tcfg.val_batches) * world
+    batches = [data_mod.collate_train(val_ex[i * mbs:(i + 1) * mbs], pad_id) for i in range(n_val)
+               if val_ex[i * mbs:(i + 1) * mbs]]
+    return batches[: (len(batches) // world) * world]
 
-        progress = tqdm(total=max_steps, initial=start_step, desc=runs.cell_name(cfg), unit="step", dynamic_ncols=True)
-    t_start, tokens_at_start = time.time(), tokens_seen
-    loss_sum, loss_steps = 0.0, 0
-    engine.train()
-    for step in range(start_step, max_steps):
-        ids = [sample_indices(len(train_ex), step, m, rank, world=world, micro_bs=mbs, grad_accum=gas,
-                              seed=int(cfg.seed)) for m in range(gas)]
-        micro_batches = [data_mod.collate_train([train_ex[i] for i in idx], pad_id) for idx in ids]
-        # Exact accumulation: every micro-batch's loss is a masked SUM over the step's global token count.
-        local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
-        num_tokens = max(_all_reduce_sum([local_tokens], device)[0], 1.0)
-        for idx, batch in zip(ids, micro_batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if cfg.loss.impl == "fused":
-                loss, parts = fused_batch_loss(cfg, engine, teacher, batch, num_tokens)
-            else:
-                s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                t_logits = None
-                if cache is not None:
-                    t_logits = cache.batch_logits(idx, batch["labels"])
-                elif teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss, parts = batch_loss(cfg, s_logits, t_logits, batch["labels"], num_tokens)
-            # DeepSpeed divides by grad_accum and averages over ranks; our loss is already the global mean.
-            engine.backward(loss * gas * world)
-            engine.step()
-            loss_sum += loss.item()
-        loss_steps += 1
-        tokens_seen += int(num_tokens)
-        done = step + 1
 
-        if done % int(tcfg.log_every) == 0 or done == max_steps:
-            # Summed over ranks, the micro-batch losses of a step add up to that step's global mean loss.
-            step_loss = _all_reduce_sum([loss_sum], device)[0] / loss_steps
-            loss_sum, loss_steps = 0.0, 0
-            tps = (tokens_seen - tokens_at_start) / max(time.time() - t_start, 1e-9)
-            tracker.log({"train/loss": step_loss, "train/lr": engine.get_lr()[0], "train/tokens": tokens_seen,
-                         "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()}}, step=done)
-            metrics["train"]["final_loss"] = step_loss
-            if progress is not None:
-                progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
-        if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and val_batches:
-            val = validate_model(engine.module, teacher, val_batches, device, rank, world)
-            engine.train()
-            tracker.log({f"valid/{k}": v for k, v in val.items()}, step=done)
-        if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps:
-            eng.save_checkpoint(engine, rdir, done, {"step": done, "tokens": tokens_seen, "torch_rng": torch.get_rng_state()},
-                                keep=int(tcfg.keep_ckpts))
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    train_time = time.time() - t_start
+# --------------------------------------------------------------------------------------------- one step
+EXAMPLE_IDS = "example_ids"  # optional micro-batch key: the rows' indices in cell.train_examples (cache lookups)
 
-    metrics["valid"] = validate_model(engine.module, teacher, val_batches, device, rank, world) if val_batches else {}
-    metrics["train"].update(steps=max_steps, tokens=tokens_seen, time_s=round(train_time, 3),
-                            tokens_per_s=(tokens_seen - tokens_at_start) / max(train_time, 1e-9))
-    metrics["train"].setdefault("final_loss", float("nan"))
-    student_dir = rdir / "student"
-    eng.export_hf(engine, tokenizer, student_dir, rank)
-    del engine, teacher
-    if rank != 0:
-        return metrics  # evaluation below uses no collectives: the other ranks are done
 
-    # Final evaluation on the exported (plain HF) model: generation + ROUGE-L on every benchmark.
-    model = models.load_model(student_dir, torch.float32).to(device)
-    metrics["eval"] = evaluate.evaluate_benchmarks(
-        model, tokenizer, splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
-        template=cfg.data.template, max_length=max_len, max_prompt_length=max_prompt,
-        out_dir=rdir / "generations",
+def _no_lap(segment: str) -> None:
+    """The default `lap` hook of `train_step`: timing is the caller's business (benchmarks)."""
+
+
+def sample_batches(cell: Cell, step: int) -> list[dict]:
+    """This rank's `grad_accum` micro-batches of `step`, collated, each with its example ids."""
+    tcfg, n = cell.cfg.trainer, len(cell.train_examples)
+    out = []
+    for m in range(int(tcfg.grad_accum)):
+        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
+                             grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed))
+        batch = data_mod.collate_train([cell.train_examples[i] for i in idx], cell.tokenizer.pad_token_id)
+        out.append({**batch, EXAMPLE_IDS: torch.tensor(idx)})
+    return out
+
+
+def train_step(cell: Cell, step: int, micro_batches: list[dict] | None = None, *,
+               lap: Callable[[str], None] = _no_lap) -> dict[str, Any]:
+    """One optimizer step (0-based `step`): forward + loss + backward over the micro-batches, then the update.
+
+    `micro_batches` default to the job's own for `step` (`sample_batches`); a caller such as an on-policy loop
+    may pass its own: this rank's `trainer.grad_accum` dicts of input_ids / attention_mask / labels
+    (`data.collate_train`), with `EXAMPLE_IDS` only if the rows come from `cell.train_examples` (the teacher
+    cache needs it; without it the live teacher runs). Accumulation is exact: every micro-batch loss is a masked
+    sum over the step's global response-token count. `lap(segment)` is called after each segment (data,
+    forward, loss, backward, step) so a benchmark can time the job's own step. Returns the step number done,
+    this rank's loss (its share of the step's global mean), the global token count and the last micro-batch's
+    loss parts.
+    """
+    gas = int(cell.cfg.trainer.grad_accum)
+    if micro_batches is None:
+        micro_batches = sample_batches(cell, step)
+    if len(micro_batches) != gas:
+        raise ValueError(f"train_step needs trainer.grad_accum={gas} micro-batches, got {len(micro_batches)}")
+    local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
+    num_tokens = max(_all_reduce_sum([local_tokens], cell.device)[0], 1.0)
+    lap("data")
+    p, loss_sum, parts = cell.progress, 0.0, {}
+    for batch in micro_batches:
+        loss, parts = micro_batch_loss(cell, batch, num_tokens, lap=lap)
+        # DeepSpeed divides by grad_accum and averages over ranks; our loss is already the global mean.
+        cell.engine.backward(loss * gas * cell.world)
+        lap("backward")
+        cell.engine.step()
+        value = loss.item()
+        loss_sum += value
+        p.loss_sum += value
+        lap("step")
+    p.step, p.tokens, p.loss_steps = step + 1, p.tokens + int(num_tokens), p.loss_steps + 1
+    return {"step": step + 1, "loss": loss_sum, "tokens": int(num_tokens), "parts": parts}
+
+
+def micro_batch_loss(cell: Cell, batch: dict, num_tokens: float, *,
+                     lap: Callable[[str], None] = _no_lap) -> tuple[torch.Tensor, dict[str, float]]:
+    """Student forward, teacher logits (cache, live teacher or none) and the loss of one micro-batch."""
+    ids = batch.get(EXAMPLE_IDS)
+    batch = {k: v.to(cell.device) for k, v in batch.items() if k != EXAMPLE_IDS}
+    if cell.cfg.loss.impl == "fused":
+        loss, parts = fused_batch_loss(cell.cfg, cell.engine, cell.teacher, batch, num_tokens)
+        lap("loss")
+        return loss, parts
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    s_logits = cell.engine(**inputs).logits
+    t_logits = None
+    if cell.cache is not None and ids is not None:
+        t_logits = cell.cache.batch_logits(ids.tolist(), batch["labels"])
+    elif cell.teacher is not None:
+        with torch.no_grad():
+            t_logits = cell.teacher(**inputs).logits
+    lap("forward")
+    loss, parts = batch_loss(cell.cfg, s_logits, t_logits, batch["labels"], num_tokens)
+    lap("loss")
+    return loss, parts
+
+
+def after_step(cell: Cell, result: dict[str, Any]) -> None:
+    """The loop's cadence after a step: train log, validation, checkpoint, progress bar."""
+    tcfg, done = cell.cfg.trainer, result["step"]
+    max_steps = int(tcfg.max_steps)
+    if done % int(tcfg.log_every) == 0 or done == max_steps:
+        _log_train(cell, result["parts"])
+    if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and cell.val_batches:
+        cell.tracker.log({f"valid/{k}": v for k, v in validate(cell).items()}, step=done)
+    if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps:
+        p = cell.progress
+        eng.save_checkpoint(cell.engine, cell.run_dir, done,
+                            {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state()},
+                            keep=int(tcfg.keep_ckpts))
+    if cell.bar is not None:
+        cell.bar.update(1)
+
+
+def _log_train(cell: Cell, parts: dict[str, float]) -> None:
+    p = cell.progress
+    # Summed over ranks, the micro-batch losses of a step add up to that step's global mean loss.
+    step_loss = _all_reduce_sum([p.loss_sum], cell.device)[0] / p.loss_steps
+    p.loss_sum, p.loss_steps = 0.0, 0
+    tps = (p.tokens - p.tokens_at_start) / max(time.time() - p.t_start, 1e-9)
+    cell.tracker.log({"train/loss": step_loss, "train/lr": cell.engine.get_lr()[0], "train/tokens": p.tokens,
+                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()}}, step=p.step)
+    cell.metrics["train"]["final_loss"] = step_loss
+    if cell.bar is not None:
+        cell.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
+
+
+def validate(cell: Cell) -> dict[str, float]:
+    """Teacher-forced CE (and FKL/RKL at tau=1 with a teacher) on the validation batches, over all ranks."""
+    if not cell.val_batches:
+        return {}
+    val = validate_model(cell.engine.module, cell.teacher, cell.val_batches, cell.device, cell.rank, cell.world)
+    cell.engine.train()
+    return val
+
+
+# --------------------------------------------------------------------------------------------- the end
+def finish(cell: Cell) -> dict[str, Any]:
+    """Final validation, export of the student as a plain HF model (all ranks), then on rank 0 generation +
+    ROUGE-L on every benchmark, metrics.json and the W&B summary. Returns the metrics."""
+    m, p, tcfg = cell.metrics, cell.progress, cell.cfg.trainer
+    if cell.bar is not None:
+        cell.bar.close()
+    train_time = time.time() - p.t_start
+    m["valid"] = validate(cell)
+    m["train"].update(steps=int(tcfg.max_steps), tokens=p.tokens, time_s=round(train_time, 3),
+                      tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
+    m["train"].setdefault("final_loss", float("nan"))
+    student_dir = cell.run_dir / "student"
+    eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)
+    cell.engine = cell.teacher = cell.cache = None  # free them before evaluation
+    if cell.rank == 0:  # evaluation uses no collectives: the other ranks are done
+        _evaluate_and_record(cell, student_dir)
+    cell.tracker.finish(0)
+    return m
+
+
+def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
+    """Generation + ROUGE-L on the exported (plain HF) model; metrics.json, W&B, drop the optimizer state."""
+    cfg, m, max_steps = cell.cfg, cell.metrics, int(cell.cfg.trainer.max_steps)
+    model = models.load_model(student_dir, torch.float32).to(cell.device)
+    m["eval"] = evaluate.evaluate_benchmarks(
+        model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
+        template=cfg.data.template, max_length=int(cfg.data.max_length),
+        max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
     )
-    metrics.update(status="completed", updated_at=runs.now_iso())
-    tracker.log({f"valid/{k}": v for k, v in metrics["valid"].items()}, step=max_steps)
-    tracker.log({f"eval/{b}/rougeL": r["rougeL_mean"] for b, r in metrics["eval"].items()}, step=max_steps)
-    tracker.summary({"eval": metrics["eval"], "valid": metrics["valid"], "train": metrics["train"]})
-    runs.atomic_write_json(rdir / runs.METRICS_FILE, metrics)
-    if not tcfg.keep_final_ckpt:
-        shutil.rmtree(rdir / eng.CKPT_DIR, ignore_errors=True)
-    log.info("%s: %s", metrics["name"], {b: round(r["rougeL_mean"], 2) for b, r in metrics["eval"].items()})
-    return metrics
+    m.update(status="completed", updated_at=runs.now_iso())
+    cell.tracker.log({f"valid/{k}": v for k, v in m["valid"].items()}, step=max_steps)
+    cell.tracker.log({f"eval/{b}/rougeL": r["rougeL_mean"] for b, r in m["eval"].items()}, step=max_steps)
+    cell.tracker.summary({"eval": m["eval"], "valid": m["valid"], "train": m["train"]})
+    runs.atomic_write_json(cell.run_dir / runs.METRICS_FILE, m)
+    if not cfg.trainer.keep_final_ckpt:
+        shutil.rmtree(cell.run_dir / eng.CKPT_DIR, ignore_errors=True)
+    log.info("%s: %s", m["name"], {b: round(r["rougeL_mean"], 2) for b, r in m["eval"].items()})
+
+
+def run_cell(cfg: DictConfig) -> dict[str, Any]:
+    """Train + evaluate one cell; return its metrics dict (also written to `<run_dir>/metrics.json`).
+
+    A completed cell is skipped (force=true reruns it); an unfinished one resumes from its last checkpoint.
+    """
+    init_process(cfg)
+    rdir = runs.run_dir(cfg)
+    if runs.is_completed(rdir) and not cfg.force:
+        log.info("skip %s: %s already completed (force=true reruns it)", runs.cell_name(cfg), rdir)
+        return runs.read_metrics(rdir)
+    cell = setup(cfg)
+    with _failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker):
+        while cell.progress.step < int(cfg.trainer.max_steps):
+            after_step(cell, train_step(cell, cell.progress.step))
+        return finish(cell)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

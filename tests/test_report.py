@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from distill import report
 
@@ -90,7 +91,16 @@ def test_table_numbers_best_and_difference(sweep):
             assert float(d["rougeL_mean"]) == pytest.approx(diffs.mean(), abs=1e-4)
             assert float(d["rougeL_std"]) == pytest.approx(diffs.std(ddof=1), abs=1e-4)
             assert int(d["n"]) == len(diffs) == 2
-            assert md_row(section, "FKL − RKL")[i].startswith(f"{diffs.mean():+.1f} ± {diffs.std(ddof=1):.1f}")
+            cell = md_row(section, "FKL − RKL [95% CI]")[i]
+            assert cell.startswith(f"{diffs.mean():+.1f}") and cell.endswith("(n=2)")
+            if diffs.std(ddof=1) > 0:   # the fixture has one zero-spread pair: no interval there
+                lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+                assert float(d["ci_low"]) == pytest.approx(lo, abs=1e-4)
+                assert float(d["ci_high"]) == pytest.approx(hi, abs=1e-4)
+                assert f"[{lo:+.1f}, {hi:+.1f}]" in cell
+                assert d["test"] == "paired t (df=1)" and d["comparison"] == "fkl-rkl"
+            else:
+                assert d["ci_low"] == "" and "zero spread" in d["verdict"]
 
 
 def test_sentence_follows_the_data(sweep):
@@ -101,7 +111,7 @@ def test_sentence_follows_the_data(sweep):
         d = {t: np.mean([exp[(bench, "fkl", t)][s] - exp[(bench, "rkl", t)][s] for s in (0, 1)]) for t in (1.0, 2.0, 4.0)}
         section = md_section(md, bench)
         if round(d[1.0], 1) < 0:
-            assert f"At τ=1 RKL leads FKL by {-d[1.0]:.1f} ROUGE-L" in section
+            assert f"At τ=1 RKL leads FKL by {-d[1.0]:.1f} ROUGE-L on the mean" in section
         elif round(d[1.0], 1) == 0:
             assert "At τ=1 FKL and RKL tie" in section
         else:
@@ -109,11 +119,13 @@ def test_sentence_follows_the_data(sweep):
         overtakes = [t for t in (2.0, 4.0) if round(d[t], 1) > 0]
         if round(d[1.0], 1) <= 0:
             if overtakes:
-                assert f"FKL overtakes RKL at τ={overtakes[0]:g}" in section
+                assert f"FKL's mean overtakes RKL's at τ={overtakes[0]:g}" in section
             else:
-                assert "FKL does not overtake RKL at any higher τ" in section
+                assert "FKL's mean does not overtake RKL's at any higher τ" in section
+        # the sentence carries each difference's interval and verdict, never 'beyond the spread'
+        assert "not resolved with 2 seeds (paired t)" in section and "the spread" not in section
     # the fixture was built to show both outcomes; make sure it still does
-    assert "RKL leads FKL" in md and "FKL overtakes RKL" in md and "does not overtake" in md
+    assert "RKL leads FKL" in md and "FKL's mean overtakes RKL's" in md and "does not overtake" in md
 
 
 def test_unfinished_cells_are_listed_not_dropped(sweep):
@@ -270,3 +282,111 @@ def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
     assert float(rows[("test", "fkl-rkl", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
     md = (out / "report.md").read_text()
     assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md
+
+
+# ----------------------------------------------------------------------------- statistics (issue 19)
+
+BASE = np.array([30.0, 31.0, 29.0, 30.5, 29.5])   # per training seed: the SFT baseline's scores
+
+
+def constructed_sweep(root):
+    """sft (tau-free) + fkl/rkl at tau 1, 2 over 5 seeds; per-seed scores chosen so the verdicts are known.
+
+    fkl - sft at tau 1 is 2 + small noise (resolved); rkl beats fkl by ~4 at tau 1 (resolved); at tau 2
+    fkl - rkl is ~0.6 with a spread of ~1.3 (not resolved). Each cell's eval seeds sit ± 0.2 around its score.
+    """
+    scores = {("sft", 1.0): BASE,
+              ("fkl", 1.0): BASE + 2 + np.array([0.3, -0.2, 0.1, -0.4, 0.2]),
+              ("rkl", 1.0): BASE + 6 + np.array([-0.1, 0.4, 0.0, 0.3, -0.2]),
+              ("fkl", 2.0): BASE + 3 + np.array([1.0, -0.4, 0.6, -0.6, 1.4]),
+              ("rkl", 2.0): BASE + 3 + np.array([-0.3, 0.5, -0.6, 0.2, -0.8])}
+    for (div, tau), vals in scores.items():
+        for seed, v in enumerate(vals):
+            d = root / f"{div}-tau{tau:g}-s{seed}-{seed:04x}{int(tau):02x}{len(div):02x}"
+            d.mkdir(parents=True)
+            sft = div == "sft"
+            cell = {"divergence": div, "divergence_params": {}, "tau": tau, "tau_target": "both",
+                    "tau_squared": True, "kd_ratio": 0.0 if sft else 1.0, "seed": seed, "model": "toy",
+                    "teacher": None if sft else "t", "student": "warm", "dataset": "embedded"}
+            m = {"schema_version": 1, "status": "completed", "sweep": "stat", "cell": cell,
+                 "eval": {"test": {"rougeL_mean": float(v), "rougeL_per_seed": [float(v) - 0.2, float(v) + 0.2]}}}
+            (d / "metrics.json").write_text(json.dumps(m))
+    return scores
+
+
+@pytest.fixture
+def constructed(tmp_path):
+    """The constructed sweep's scores, its report.csv rows and its report.md."""
+    scores = constructed_sweep(tmp_path)
+    report.build_report(tmp_path)
+    return scores, read_csv(tmp_path / "report.csv"), (tmp_path / "report.md").read_text()
+
+
+def test_sft_baseline_fills_every_tau_and_every_objective_is_compared_with_it(constructed):
+    scores, rows, md = constructed
+    # kd_ratio/teacher differ only because SFT is SFT: the rows stay 'fkl', 'rkl', 'sft'
+    assert {k[1] for k in rows if rows[k]["comparison"] == ""} == {"sft", "fkl", "rkl"}
+    for tau in (1.0, 2.0):
+        assert float(rows[("test", "sft", tau)]["rougeL_mean"]) == pytest.approx(BASE.mean(), abs=1e-4)
+        for div in ("fkl", "rkl"):
+            d = scores[(div, tau)] - BASE
+            r = rows[("test", f"{div} - sft", tau)]
+            lo, hi = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+            assert r["comparison"] == "vs-sft" and int(r["n"]) == 5
+            assert (float(r["ci_low"]), float(r["ci_high"])) == (pytest.approx(lo, abs=1e-4), pytest.approx(hi, abs=1e-4))
+            assert float(r["p_value"]) == pytest.approx(stats.ttest_rel(scores[(div, tau)], BASE).pvalue, abs=1e-4)
+            assert r["verdict"] == f"{div} ahead, 95% CI excludes 0 (paired t, n=5)"
+            assert float(r["boot_low"]) < d.mean() < float(r["boot_high"])   # n = 5: bootstrap beside it
+    assert "| sft | 30.0 ± 0.8 (n=5) | 30.0 ± 0.8 (n=5) |" in md
+    assert "95% CI (bootstrap)" in md and "fkl − sft (objective − SFT)" in md
+
+
+def test_verdicts_and_seeds_needed_for_constructed_differences(constructed):
+    scores, rows, md = constructed
+    # tau 1: rkl ahead of fkl by ~4, resolved; it is also the best - second comparison there
+    r1 = rows[("test", "fkl-rkl", 1.0)]
+    assert r1["verdict"] == "rkl ahead, 95% CI excludes 0 (paired t, n=5)" and r1["seeds_needed"] == ""
+    best = rows[("test", "best-second (rkl - fkl)", 1.0)]
+    assert best["comparison"] == "best-second" and float(best["rougeL_mean"]) == pytest.approx(-float(r1["rougeL_mean"]))
+    # tau 2: ~0.6 at a spread of ~1.3: not resolved; the power calculation says how many seeds would be
+    d = scores[("fkl", 2.0)] - scores[("rkl", 2.0)]
+    r2 = rows[("test", "fkl-rkl", 2.0)]
+    assert stats.ttest_rel(scores[("fkl", 2.0)], scores[("rkl", 2.0)]).pvalue > 0.05
+    assert r2["verdict"] == "not resolved with 5 seeds (paired t, 95% CI includes 0)"
+    from distill.stats import paired_t_power
+
+    need = int(r2["seeds_needed"])
+    effect = abs(d.mean()) / d.std(ddof=1)
+    assert need > 5 and paired_t_power(effect, need - 1) < 0.8 <= paired_t_power(effect, need)
+    assert f"~{need} training seeds" in md
+    assert "At τ=1 RKL leads FKL by" in md and "excludes 0 (paired t, n=5)" in md
+
+
+def test_eval_and_training_seed_spread_apart(constructed):
+    scores, rows, md = constructed
+    r = rows[("test", "fkl", 1.0)]
+    train_sd = scores[("fkl", 1.0)].std(ddof=1)
+    assert float(r["rougeL_std"]) == pytest.approx(train_sd, abs=1e-4)
+    assert float(r["eval_seed_std"]) == pytest.approx(np.std([-0.2, 0.2], ddof=1), abs=1e-4)
+    assert float(r["n_eval_seeds"]) == 2
+    assert float(r["eval_share"]) == pytest.approx((0.08 / 2) / train_sd**2, abs=1e-4)
+    assert "**training seeds dominate**" in md
+
+
+def test_eval_sampling_dominating_is_said(tmp_path):
+    # the same score on every training seed, eval seeds 6 points apart: all the spread is eval sampling
+    for seed in range(3):
+        d = tmp_path / f"fkl-tau1-s{seed}-0000000{seed}"
+        d.mkdir()
+        m = {"schema_version": 1, "status": "completed", "cell": {"divergence": "fkl", "tau": 1.0, "seed": seed},
+             "eval": {"b": {"rougeL_mean": 40.0 + 0.1 * seed, "rougeL_per_seed": [37.0 + 0.1 * seed, 43.0 + 0.1 * seed]}}}
+        (d / "metrics.json").write_text(json.dumps(m))
+    report.build_report(tmp_path)
+    assert "**eval sampling dominates**" in (tmp_path / "report.md").read_text()
+
+
+def test_plot_caption_says_what_the_error_bars_are(tmp_path):
+    constructed_sweep(tmp_path)
+    summary = report.summarize(report.scan_sweep(tmp_path))
+    caption = report.plot_caption(summary, "stat")
+    assert "± 1 sample std over training seeds (not a CI)" in caption and "n = 5" in caption
