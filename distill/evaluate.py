@@ -130,6 +130,8 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     desc: str = "generate",
+    truncation_side: str = "left",
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Generate one response per prompt with HF `model.generate`, in batches, and return the decoded
     new tokens only (special tokens skipped, whitespace stripped), in prompt order.
@@ -140,7 +142,9 @@ def generate(
     (not the distillation tau); `do_sample=False` means greedy decoding, and the sampling knobs are
     then ignored. The global RNG is seeded with `seed` inside a forked RNG state, so a call is
     reproducible for a given (seed, batch_size) and leaves the caller's RNG untouched. The model is
-    put in eval mode for the call and its previous mode restored afterwards.
+    put in eval mode for the call and its previous mode restored afterwards. `truncation_side` says
+    which end of an over-long prompt is kept (as `data.truncation_side`); `synced_gpus` keeps the
+    ranks of a ZeRO-3 model stepping together (every rank must call with as many prompts).
     """
     if len(prompts) == 0:
         raise ValueError("got no prompts; need at least one")
@@ -170,7 +174,8 @@ def generate(
             torch.manual_seed(seed)
             starts = range(0, len(prompts), batch_size)
             for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-                enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length)
+                enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length,
+                                          truncation_side)
                 input_ids = enc["input_ids"].to(device)
                 attention_mask = enc["attention_mask"].to(device)
                 prompt_len = input_ids.shape[1]
@@ -183,6 +188,7 @@ def generate(
                     eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id,
                     use_cache=True,
+                    synced_gpus=synced_gpus,
                     **decoding,
                 )
                 outputs.extend(_decode_new_tokens(tokenizer, sequences[:, prompt_len:], eos_token_id))
@@ -218,6 +224,7 @@ def evaluate_benchmarks(
     max_length: int,
     max_prompt_length: int,
     out_dir: Path | None,
+    truncation_side: str = "left",
 ) -> dict[str, dict]:
     """Generate for every benchmark under every eval seed and score with ROUGE-L and exact match.
 
@@ -247,7 +254,7 @@ def evaluate_benchmarks(
                 batch_size=cfg["batch_size"], do_sample=cfg["do_sample"], top_k=cfg["top_k"],
                 top_p=cfg["top_p"], temperature=cfg["temperature"],
                 no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
-                seed=seed, desc=f"eval {name} seed={seed}",
+                seed=seed, desc=f"eval {name} seed={seed}", truncation_side=truncation_side,
             )
             scores = rouge_l_scores(outputs, references)
             rouge_per_seed.append(statistics.fmean(scores))

@@ -31,6 +31,13 @@ NON_RESULT_KEYS = (
     "sweep",
     "eval.write_generations",
     "trainer.log_every",
+    # how a global batch is split over ranks and micro-batches changes no result (exact accumulation):
+    # the global batch (trainer.global_batch_size) is the identity, the same on 1 or 8 GPUs
+    "trainer.micro_batch_size",
+    "trainer.grad_accum",
+    "trainer.gradient_checkpointing",
+    "model.teacher.name",   # labels (cell names, W&B); the paths are the identity
+    "model.student.name",
     "trainer.ckpt_every",
     "trainer.keep_ckpts",
     "trainer.dist_timeout_s",
@@ -82,16 +89,28 @@ def _fmt_number(x: float) -> str:
     return f"{float(x):g}".replace("-", "m")
 
 
+def model_label(cfg: DictConfig, role: str = "student") -> str:
+    """Short name of the `role` model: `model.<role>.name`, else the last part of its path, else its arch."""
+    spec = cfg.model[role]
+    if spec.get("name"):
+        return str(spec.name)
+    if spec.get("path"):
+        path = Path(str(spec.path))
+        return path.parent.name if path.name == "student" else path.name  # a previous cell's export
+    return str(cfg.model.get("arch") or cfg.model.get("name") or "model")
+
+
 def cell_name(cfg: DictConfig) -> str:
-    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0) or `fkl-tau2-kd0.5-s0`."""
-    seed = f"s{cfg.seed}"
+    """Readable prefix of a cell dir, naming the trained model: `sft-gpt2-xl-s0` (kd_ratio=0),
+    `fkl-tau2-gpt2-s0` or `fkl-tau2-kd0.5-gpt2-s0`."""
+    seed, model = f"s{cfg.seed}", model_label(cfg, "student")
     kd = float(cfg.loss.kd_ratio)
     if kd == 0.0:
-        return f"sft-{seed}"
+        return f"sft-{model}-{seed}"
     parts = [str(cfg.divergence.name), f"tau{_fmt_number(cfg.tau)}"]
     if kd != 1.0:
         parts.append(f"kd{_fmt_number(kd)}")
-    parts.append(seed)
+    parts += [model, seed]
     return "-".join(parts)
 
 

@@ -7,11 +7,13 @@
 `run_cell` reads as the recipe's public pieces, which benchmarks and other loops (on-policy) call too:
 
     cell = setup(cfg)            # config checks, distributed env, run dir (a finished cell is skipped before),
-                                 # tracker, data, tokenizer, teacher (frozen) or its cache, student (DeepSpeed
-                                 # ZeRO) resumed from its latest checkpoint
+                                 # tracker, data, tokenizer, the schedule (global batch split over the ranks,
+                                 # epochs -> steps), teacher (frozen) or its cache, student (DeepSpeed ZeRO)
+                                 # resumed from its latest checkpoint
     train_step(cell, step)       # one optimizer step: micro-batches, exact accumulation, engine.step
-    after_step(cell, result)     # train log, validate(cell), checkpoint on their cadence
-    finish(cell)                 # final validation, HF export, generation + ROUGE-L, metrics.json
+    after_step(cell, result)     # train log, validate(cell) + checkpoint selection, checkpoint, on their cadence
+    finish(cell)                 # final validation, HF export of the selected checkpoint, generation + ROUGE-L,
+                                 # metrics.json
 
 Side effects (files, W&B, progress bar) happen on rank 0 only.
 """
@@ -19,13 +21,14 @@ Side effects (files, W&B, progress bar) happen on rank 0 only.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,8 @@ from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, models, runs
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
-from distill.config import ConfigError
+from distill.config import ConfigError, Schedule
+from distill.config import schedule as resolve_schedule
 from distill.config import validate as check_config
 from distill.teacher_cache import TeacherCache
 from distill.tracking import Tracker
@@ -54,14 +58,22 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
                    seed: int, _perms: dict[int, torch.Tensor] = {}) -> list[int]:  # noqa: B006 (memo)
     """Indices of the examples in (step, micro-batch, rank): a pure function of its arguments.
 
-    The stream is a fresh permutation per epoch, seeded by (seed, epoch); resuming at step k therefore
-    sees exactly the batches an uninterrupted run would, with no sampler state to checkpoint.
+    Each epoch is a fresh permutation, seeded by (seed, epoch), cut into `n // global batch` steps (the
+    last partial batch is dropped, as the anchors' samplers do); step k takes positions
+    [k' x G, (k' + 1) x G) of its epoch's permutation (k' = k mod steps per epoch), split over micro-batches
+    and ranks. So the examples of a step depend on the global batch G only, not on how it is split, and
+    resuming at step k sees exactly the batches an uninterrupted run would, with no sampler state to
+    checkpoint. A training set smaller than one global batch is cycled through continuously.
     """
     global_bs = micro_bs * grad_accum * world
-    start = step * global_bs + (micro * world + rank) * micro_bs
+    offset = (micro * world + rank) * micro_bs
+    per_epoch = n // global_bs
     out = []
-    for g in range(start, start + micro_bs):
-        epoch, pos = divmod(g, n)
+    for i in range(offset, offset + micro_bs):
+        if per_epoch:
+            epoch, pos = step // per_epoch, (step % per_epoch) * global_bs + i
+        else:
+            epoch, pos = divmod(step * global_bs + i, n)
         # The memo lives in a default argument, not a module global or an lru_cache: `python -m
         # distill.train` cells are pickled by value by submitit, and a module-level helper of
         # __main__ cannot be found again in the child process.
@@ -166,6 +178,9 @@ class Progress:
     t_start: float = 0.0       # wall clock when this attempt's training started
     loss_sum: float = 0.0      # this rank's micro-batch losses since the last train log
     loss_steps: int = 0        # optimizer steps since the last train log
+    evaluations: list[dict] = field(default_factory=list)  # per evaluation: step, valid metrics, selection value
+    best: dict | None = None   # the evaluation selected so far (trainer.select); checkpointed with `evaluations`
+    ckpt_best_step: int | None = None  # the best step recorded by the latest checkpoint (its export is kept)
 
 
 @dataclass
@@ -177,6 +192,7 @@ class Cell:
     world: int
     device: torch.device
     run_dir: Path
+    schedule: Schedule           # global batch split over the ranks, steps (from epochs), eval/checkpoint cadence
     splits: data_mod.DataSplits
     tokenizer: Any
     train_examples: list[dict]   # encoded train split; `sample_indices` draws from it
@@ -225,19 +241,21 @@ def setup(cfg: DictConfig) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        teacher, cache, engine = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank, world=world)
-        progress = _resume(engine, rdir)
-        metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict()}
-        val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world)
+        sched = resolve_schedule(cfg.trainer, world, len(train_ex))
+        teacher, cache, engine = _build_models(cfg, tokenizer, train_ex, sched, device=device, rank=rank)
+        progress = _resume(engine, rdir, rank)
+        metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict(), **_batch_info(sched)}
+        val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world, micro=sched.batch.micro)
         bar = None
         if rank == 0 and cfg.trainer.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=int(cfg.trainer.max_steps), initial=progress.step, desc=metrics["name"], unit="step",
+            bar = tqdm(total=sched.max_steps, initial=progress.step, desc=metrics["name"], unit="step",
                        dynamic_ncols=True)
         progress.t_start = time.time()
         engine.train()
-    return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, splits=splits, tokenizer=tokenizer,
+    return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, schedule=sched, splits=splits,
+                tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
                 tracker=tracker, metrics=metrics, progress=progress, bar=bar)
 
@@ -276,21 +294,35 @@ def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tra
 
 
 def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
-    """The data splits and the tokenizer (the embedded suite brings its own)."""
-    splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir))
-    tok_path = cfg.model.get("tokenizer") or splits.tokenizer_dir
-    if tok_path is None:
-        raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
-    return splits, models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
+    """The data splits and the tokenizer (the embedded suite brings its own). A tokenizer named by
+    `model.tokenizer` is loaded first, so the splits can count (or drop, `data.long_prompts=drop`) its
+    over-long prompts."""
+    trust = bool(cfg.model.get("trust_remote_code", False))
+    tokenizer = models.load_tokenizer(cfg.model.tokenizer, trust) if cfg.model.get("tokenizer") else None
+    splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir), tokenizer=tokenizer)
+    if tokenizer is None:
+        if splits.tokenizer_dir is None:
+            raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
+        tokenizer = models.load_tokenizer(splits.tokenizer_dir, trust)
+    return splits, tokenizer
 
 
-def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
-                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any]:
+def _batch_info(sched: Schedule) -> dict[str, Any]:
+    """How this cell ran its global batch (metrics.json `train`): the same global batch on any world size."""
+    b = sched.batch
+    return {"global_batch_size": b.global_batch, "micro_batch_size": b.micro, "grad_accum": b.accum,
+            "world_size": b.world, "steps_per_epoch": sched.steps_per_epoch, "epochs": round(sched.epochs, 4)}
+
+
+def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], sched: Schedule, *, device: torch.device,
+                  rank: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any]:
     """(teacher, teacher cache, student engine). The teacher is frozen, in eval mode, outside DeepSpeed;
     there is none at all for SFT (kd_ratio=0)."""
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
+    if tcfg.get("gradient_checkpointing"):
+        student.gradient_checkpointing_enable()
     teacher = cache = None
     if cfg.loss.kd_ratio > 0:
         teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
@@ -299,24 +331,37 @@ def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: t
     if teacher is not None and cfg.loss.teacher_cache:
         cache = TeacherCache.build_or_load(
             Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
-            batch_size=int(tcfg.micro_batch_size), topk=cfg.loss.get("teacher_cache_topk"), device=device,
+            batch_size=sched.batch.micro, topk=cfg.loss.get("teacher_cache_topk"), device=device,
             dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
         )
-    return teacher, cache, eng.initialize(student, tcfg, world)
+    return teacher, cache, eng.initialize(student, tcfg, sched.batch.world, max_steps=sched.max_steps, plan=sched.batch)
 
 
-def _resume(engine, rdir: Path) -> Progress:
-    """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG); where training stands."""
+def _resume(engine, rdir: Path, rank: int) -> Progress:
+    """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG, the evaluations so far and
+    the selected one); where training stands."""
     state = eng.load_latest_checkpoint(engine, rdir) or {}
     step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
-    return Progress(step=step, tokens=tokens, tokens_at_start=tokens)
+    p = Progress(step=step, tokens=tokens, tokens_at_start=tokens, evaluations=list(state.get("evaluations", [])),
+                 best=state.get("best"))
+    p.ckpt_best_step = p.best["step"] if p.best else None
+    if rank == 0:
+        # exports of evaluations after the checkpoint belong to the lost attempt: they are redone
+        _prune_selected(rdir, keep={p.ckpt_best_step})
+    if p.best and not (_selected_dir(rdir, p.best["step"]) / "config.json").is_file():
+        log.warning("the selected checkpoint of step %d is missing: selection restarts at step %d", p.best["step"], step)
+        p.best = p.ckpt_best_step = None
+    return p
 
 
-def validation_batches(val_ex: list[dict], tcfg: DictConfig, pad_id: int, world: int) -> list[dict]:
-    """`trainer.val_batches` micro-batches per rank from the head of the valid split, equal forwards per rank."""
-    mbs, n_val = int(tcfg.micro_batch_size), int(tcfg.val_batches) * world
+def validation_batches(val_ex: list[dict], tcfg: DictConfig, pad_id: int, world: int,
+                       micro: int | None = None) -> list[dict]:
+    """`trainer.val_batches` micro-batches per rank (null: the whole split) from the head of the valid split,
+    equal forwards per rank."""
+    mbs = int(micro or tcfg.micro_batch_size)
+    n_val = int(tcfg.val_batches) * world if tcfg.get("val_batches") is not None else math.ceil(len(val_ex) / mbs)
     batches = [data_mod.collate_train(val_ex[i * mbs:(i + 1) * mbs], pad_id) for i in range(n_val)
                if val_ex[i * mbs:(i + 1) * mbs]]
     return batches[: (len(batches) // world) * world]
@@ -331,12 +376,12 @@ def _no_lap(segment: str) -> None:
 
 
 def sample_batches(cell: Cell, step: int) -> list[dict]:
-    """This rank's `grad_accum` micro-batches of `step`, collated, each with its example ids."""
-    tcfg, n = cell.cfg.trainer, len(cell.train_examples)
+    """This rank's micro-batches of `step` (the schedule's accumulation), collated, each with its example ids."""
+    plan, n = cell.schedule.batch, len(cell.train_examples)
     out = []
-    for m in range(int(tcfg.grad_accum)):
-        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
-                             grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed))
+    for m in range(plan.accum):
+        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=plan.micro, grad_accum=plan.accum,
+                             seed=int(cell.cfg.seed))
         batch = data_mod.collate_train([cell.train_examples[i] for i in idx], cell.tokenizer.pad_token_id)
         out.append({**batch, EXAMPLE_IDS: torch.tensor(idx)})
     return out
@@ -347,7 +392,7 @@ def train_step(cell: Cell, step: int, micro_batches: list[dict] | None = None, *
     """One optimizer step (0-based `step`): forward + loss + backward over the micro-batches, then the update.
 
     `micro_batches` default to the job's own for `step` (`sample_batches`); a caller such as an on-policy loop
-    may pass its own: this rank's `trainer.grad_accum` dicts of input_ids / attention_mask / labels
+    may pass its own: this rank's `cell.schedule.batch.accum` dicts of input_ids / attention_mask / labels
     (`data.collate_train`), with `EXAMPLE_IDS` only if the rows come from `cell.train_examples` (the teacher
     cache needs it; without it the live teacher runs). Accumulation is exact: every micro-batch loss is a masked
     sum over the step's global response-token count. `lap(segment)` is called after each segment (data,
@@ -355,11 +400,11 @@ def train_step(cell: Cell, step: int, micro_batches: list[dict] | None = None, *
     this rank's loss (its share of the step's global mean), the global token count and the last micro-batch's
     loss parts.
     """
-    gas = int(cell.cfg.trainer.grad_accum)
+    gas = cell.schedule.batch.accum
     if micro_batches is None:
         micro_batches = sample_batches(cell, step)
     if len(micro_batches) != gas:
-        raise ValueError(f"train_step needs trainer.grad_accum={gas} micro-batches, got {len(micro_batches)}")
+        raise ValueError(f"train_step needs {gas} micro-batches (the schedule's accumulation), got {len(micro_batches)}")
     local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
     num_tokens = max(_all_reduce_sum([local_tokens], cell.device)[0], 1.0)
     lap("data")
@@ -403,17 +448,21 @@ def micro_batch_loss(cell: Cell, batch: dict, num_tokens: float, *,
 
 def after_step(cell: Cell, result: dict[str, Any]) -> None:
     """The loop's cadence after a step: train log, validation, checkpoint, progress bar."""
-    tcfg, done = cell.cfg.trainer, result["step"]
-    max_steps = int(tcfg.max_steps)
-    if done % int(tcfg.log_every) == 0 or done == max_steps:
+    tcfg, sched, done = cell.cfg.trainer, cell.schedule, result["step"]
+    if done % int(tcfg.log_every) == 0 or done == sched.max_steps:
         _log_train(cell, result["parts"])
-    if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and cell.val_batches:
-        cell.tracker.log({f"valid/{k}": v for k, v in validate(cell).items()}, step=done)
-    if int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps:
+    if sched.eval_every and done % sched.eval_every == 0 and done != sched.max_steps:
+        evaluation = evaluate_and_select(cell)
+        cell.tracker.log({f"valid/{k}": v for k, v in evaluation.items() if k != "step"}, step=done)
+    if sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps:
         p = cell.progress
         eng.save_checkpoint(cell.engine, cell.run_dir, done,
-                            {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state()},
+                            {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
+                             "evaluations": p.evaluations, "best": p.best},
                             keep=int(tcfg.keep_ckpts))
+        p.ckpt_best_step = p.best["step"] if p.best else None
+        if cell.rank == 0:
+            _prune_selected(cell.run_dir, keep={p.ckpt_best_step})
     if cell.bar is not None:
         cell.bar.update(1)
 
@@ -440,20 +489,97 @@ def validate(cell: Cell) -> dict[str, float]:
     return val
 
 
+# --------------------------------------------------------------------------------------------- checkpoint selection
+SELECTED_DIR = "selected"  # <run_dir>/selected/step<N>/: the HF export of the best evaluation so far
+
+
+def _selected_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SELECTED_DIR / f"step{step:08d}"
+
+
+def _prune_selected(run_dir: Path, keep: set) -> None:
+    """Remove the selected exports whose step is not in `keep` (rank 0)."""
+    for d in sorted((Path(run_dir) / SELECTED_DIR).glob("step*")):
+        if int(d.name[4:]) not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def dev_rouge_l(cell: Cell) -> float:
+    """ROUGE-L of the student's generations on the validation split (`trainer.select_examples` first
+    examples), sampled as `eval` says with its first seed, the prompts sharded over the ranks; the same
+    value on every rank. Under ZeRO-3 every rank generates as many prompts in lockstep (`synced_gpus`)."""
+    cfg = cell.cfg
+    n = cfg.trainer.get("select_examples")
+    records = cell.splits.valid[: int(n)] if n else cell.splits.valid
+    mine = records[cell.rank::cell.world]
+    share = math.ceil(len(records) / cell.world)
+    prompts = [data_mod.render_prompt(r, cfg.data.template, cell.tokenizer) for r in mine]
+    prompts += prompts[:1] * (share - len(mine)) if mine else [data_mod.render_prompt(records[0], cfg.data.template,
+                                                                                       cell.tokenizer)] * share
+    e = cfg.eval
+    outputs = evaluate.generate(
+        cell.engine.module, cell.tokenizer, prompts, max_length=int(cfg.data.max_length),
+        max_prompt_length=int(cfg.data.max_prompt_length), batch_size=int(e.batch_size), do_sample=bool(e.do_sample),
+        top_k=int(e.top_k), top_p=float(e.top_p), temperature=float(e.temperature),
+        no_repeat_ngram_size=int(e.no_repeat_ngram_size), max_new_tokens=e.get("max_new_tokens"),
+        seed=int(e.seeds[0]), progress=False, truncation_side=cfg.data.get("truncation_side", "left"),
+        synced_gpus=cell.engine.zero_optimization_stage() == 3,
+    )
+    scores = evaluate.rouge_l_scores(outputs[: len(mine)], [list(r.outputs) for r in mine]) if mine else []
+    total, count = _all_reduce_sum([sum(scores), len(scores)], cell.device)
+    return total / max(count, 1.0)
+
+
+def _is_better(select: str, value: float, best: dict | None) -> bool:
+    return best is None or (value < best["value"] if select == "loss" else value > best["value"])
+
+
+def evaluate_and_select(cell: Cell, *, final: bool = False) -> dict[str, Any]:
+    """One evaluation (collective): validation metrics and, for `trainer.select`, its value; the student is
+    exported to `selected/` when it is the best so far (the final one is exported by `finish`). Returns the
+    evaluation record (also appended to `cell.progress.evaluations`)."""
+    select, p = cell.cfg.trainer.get("select", "last"), cell.progress
+    record: dict[str, Any] = {"step": p.step, **validate(cell)}
+    if select == "loss":
+        record["select"] = record.get("ce", math.inf)
+    elif select == "rougeL":
+        record["select"] = dev_rouge_l(cell)
+    p.evaluations.append(record)
+    if select != "last" and _is_better(select, record["select"], p.best):
+        p.best = {"step": p.step, "value": record["select"]}
+        if not final:
+            eng.export_hf(cell.engine, cell.tokenizer, _selected_dir(cell.run_dir, p.step), cell.rank)
+            if cell.rank == 0:
+                _prune_selected(cell.run_dir, keep={p.step, p.ckpt_best_step})
+    return record
+
+
 # --------------------------------------------------------------------------------------------- the end
 def finish(cell: Cell) -> dict[str, Any]:
     """Final validation, export of the student as a plain HF model (all ranks), then on rank 0 generation +
     ROUGE-L on every benchmark, metrics.json and the W&B summary. Returns the metrics."""
-    m, p, tcfg = cell.metrics, cell.progress, cell.cfg.trainer
+    m, p, sched = cell.metrics, cell.progress, cell.schedule
     if cell.bar is not None:
         cell.bar.close()
     train_time = time.time() - p.t_start
-    m["valid"] = validate(cell)
-    m["train"].update(steps=int(tcfg.max_steps), tokens=p.tokens, time_s=round(train_time, 3),
+    final = evaluate_and_select(cell, final=True)
+    m["train"].update(steps=sched.max_steps, tokens=p.tokens, time_s=round(train_time, 3),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
     student_dir = cell.run_dir / "student"
-    eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)
+    selected = p.best["step"] if p.best else sched.max_steps
+    if selected == sched.max_steps:
+        eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)
+    elif cell.rank == 0:  # an earlier evaluation won: its export is the cell's student
+        shutil.rmtree(student_dir, ignore_errors=True)
+        os.replace(_selected_dir(cell.run_dir, selected), student_dir)
+    chosen = next(e for e in reversed(p.evaluations) if e["step"] == selected) if selected != p.step else final
+    m["valid"] = {k: v for k, v in chosen.items() if k not in ("step", "select")}
+    m["selection"] = {"by": cell.cfg.trainer.get("select", "last"), "step": selected,
+                      "value": chosen.get("select"), "evaluations": p.evaluations}
+    if cell.rank == 0:
+        shutil.rmtree(cell.run_dir / SELECTED_DIR, ignore_errors=True)
+    dist.barrier()
     cell.engine = cell.teacher = cell.cache = None  # free them before evaluation
     if cell.rank == 0:  # evaluation uses no collectives: the other ranks are done
         _evaluate_and_record(cell, student_dir)
@@ -463,12 +589,13 @@ def finish(cell: Cell) -> dict[str, Any]:
 
 def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
     """Generation + ROUGE-L on the exported (plain HF) model; metrics.json, W&B, drop the optimizer state."""
-    cfg, m, max_steps = cell.cfg, cell.metrics, int(cell.cfg.trainer.max_steps)
+    cfg, m, max_steps = cell.cfg, cell.metrics, cell.schedule.max_steps
     model = models.load_model(student_dir, torch.float32).to(cell.device)
     m["eval"] = evaluate.evaluate_benchmarks(
         model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         template=cfg.data.template, max_length=int(cfg.data.max_length),
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
+        truncation_side=cfg.data.get("truncation_side", "left"),
     )
     m.update(status="completed", updated_at=runs.now_iso())
     cell.tracker.log({f"valid/{k}": v for k, v in m["valid"].items()}, step=max_steps)
@@ -492,7 +619,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
         return runs.read_metrics(rdir)
     cell = setup(cfg)
     with _failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker):
-        while cell.progress.step < int(cfg.trainer.max_steps):
+        while cell.progress.step < cell.schedule.max_steps:
             after_step(cell, train_step(cell, cell.progress.step))
         return finish(cell)
 
