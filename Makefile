@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)          # first: otherwise pip pulls a multi-GB CUDA build
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,peers]"
+	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["peers-nodeps"]))')
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +31,7 @@ demo: $(STAMP)          ## the embedded tau x divergence study end to end, then 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_peers.py
 
 clean:
 	rm -rf outputs .pytest_cache

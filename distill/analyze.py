@@ -6,7 +6,7 @@ We measure it directly. For student logits S and teacher logits T [N, V] and eac
 (objective, tau) we take G = d D_tau(S, T) / dS per position (autograd through
 `distill.losses.divergence_per_token`, no tau^2), split every row into the teacher's top-k
 tokens ("dominant"; top-k of p_tau is the same set at every tau because softmax is monotone)
-and the rest, and report, as means over positions:
+and the rest, and report, as means over positions (norm_ratio: median):
 
   share          ||G_rest|| / ||G||        (norm share, in [0, 1])
   share_sq       ||G_rest||^2 / ||G||^2    (energy share; dominant + rest energies add to 1)
@@ -15,10 +15,20 @@ and the rest, and report, as means over positions:
   grad_norm      ||G||                     (raw gradient scale)
   grad_norm_tau2 tau^2 ||G||               (scale with Hinton's tau^2 factor, as trained
                                             with loss.tau_squared=true)
+  cos_tau1       cos(G_tau, G_1)           (direction: 1 = tau only rescales the update)
+  norm_ratio     ||G_tau|| / ||G_1||       (scale, median over positions; 1/tau^2 is what tau^2
+                                            compensates exactly)
+  norm_ratio_tau2 tau^2 ||G_tau|| / ||G_1|| (scale as trained with loss.tau_squared=true)
+
+A share alone cannot tell "enriched" from "rescaled": a pure rescaling G_tau = c G_1 keeps every
+share, but so can a new direction. So per position we also compare G_tau with the same position's
+G at tau = 1 (computed whether or not 1 is among the taus): cos_tau1 = 1 means the same direction,
+only the scale (norm_ratio) changed.
 
 Positions whose gradient is numerically zero (tau ||G|| < 1e-6: float32 rounding of the
 probabilities, e.g. a student equal to its teacher) have no direction; they are left out of
-the share means (and counted in `n_zero`) but kept in every other mean.
+the share means (and counted in `n_zero`) but kept in every other mean. cos_tau1 and the norm
+ratios leave out positions where G_tau or G_1 is numerically zero.
 
 Reading it: the FKL/RKL contrast needs a student that differs from its teacher. Where q ~ p the
 two gradients agree to first order (both ~ (q - p) / tau) and so do their shares; with a peaked
@@ -48,8 +58,9 @@ from distill.losses import DIVERGENCES, align_vocab, divergence_per_token
 from distill.runs import atomic_write_bytes
 
 DEFAULT_TAUS = (0.5, 1.0, 2.0, 4.0, 8.0)
-COLUMNS = ("objective", "tau", "topk", "n_positions", "n_zero", "share", "share_sq",
-           "teacher_tail", "student_tail", "grad_norm", "grad_norm_tau2")
+COLUMNS = ("objective", "tau", "topk", "n_positions", "n_zero", "share", "cos_tau1", "norm_ratio",
+           "norm_ratio_tau2", "share_sq", "teacher_tail", "student_tail", "grad_norm", "grad_norm_tau2")
+REFERENCE_TAU = 1.0   # direction and scale are measured against the gradient at this tau
 OUTPUT_NAMES = ("grad_analysis.csv", "grad_analysis.md", "grad_analysis.png")
 # tau * G is on the scale of a probability difference (FKL: q - p); below this it is rounding noise.
 ZERO_GRAD = 1e-6
@@ -144,6 +155,18 @@ def row_stats(grad: torch.Tensor, dominant: torch.Tensor, tau: float = 1.0) -> d
     return {"norm": norm, "share": share, "share_sq": share**2}
 
 
+def direction_stats(grad: torch.Tensor, ref: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """Per position, the cosine between G_tau (`grad`) and G_1 (`ref`) and the ratio of their norms.
+
+    NaN where either gradient is numerically zero (no direction to compare)."""
+    norm, ref_norm = grad.norm(dim=-1), ref.norm(dim=-1)
+    ok = (tau * norm >= ZERO_GRAD) & (REFERENCE_TAU * ref_norm >= ZERO_GRAD)
+    nan = torch.full_like(norm, float("nan"))
+    cos = torch.where(ok, F.cosine_similarity(grad, ref, dim=-1, eps=1e-30), nan)
+    ratio = torch.where(ok, norm / ref_norm.clamp_min(1e-30), nan)
+    return {"cos": cos, "ratio": ratio}
+
+
 def analyze_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
                    objectives: Sequence[str], taus: Sequence[float], topk: int = 1,
                    params: Mapping[str, Mapping[str, Any]] | None = None,
@@ -162,23 +185,30 @@ def analyze_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *
     params = {o: dict(params[o]) if params and o in params else default_params(o) for o in objectives}
     n = student_logits.shape[0]
     rows = []
+    keys = ("norm", "share", "share_sq", "t_tail", "s_tail", "cos", "ratio")
     for objective in objectives:
+        acc: dict[float, dict[str, list[torch.Tensor]]] = {tau: {k: [] for k in keys} for tau in taus}
+        for start in range(0, n, chunk_size):
+            s = student_logits[start:start + chunk_size].float()
+            t = teacher_logits[start:start + chunk_size].float()
+            dominant = teacher_topk_mask(t, topk)
+            ref = gradient(objective, s, t, REFERENCE_TAU, **params[objective])
+            for tau in taus:
+                g = ref if tau == REFERENCE_TAU else gradient(objective, s, t, tau, **params[objective])
+                for key, val in {**row_stats(g, dominant, tau), **direction_stats(g, ref, tau)}.items():
+                    acc[tau][key].append(val)
+                acc[tau]["t_tail"].append(tail_mass(t, dominant, tau))
+                acc[tau]["s_tail"].append(tail_mass(s, dominant, tau))
         for tau in taus:
-            acc: dict[str, list[torch.Tensor]] = {k: [] for k in ("norm", "share", "share_sq", "t_tail", "s_tail")}
-            for start in range(0, n, chunk_size):
-                s = student_logits[start:start + chunk_size].float()
-                t = teacher_logits[start:start + chunk_size].float()
-                dominant = teacher_topk_mask(t, topk)
-                for key, val in row_stats(gradient(objective, s, t, tau, **params[objective]), dominant, tau).items():
-                    acc[key].append(val)
-                acc["t_tail"].append(tail_mass(t, dominant, tau))
-                acc["s_tail"].append(tail_mass(s, dominant, tau))
-            cat = {k: torch.cat(v) for k, v in acc.items()}
+            cat = {k: torch.cat(v) for k, v in acc[tau].items()}
             grad_norm = cat["norm"].mean().item()
+            # median, not mean: where G_1 is tiny (student ~ teacher at tau=1) single ratios explode
+            ratio = cat["ratio"].nanmedian().item()
             rows.append({
                 "objective": objective, "tau": tau, "topk": topk, "n_positions": n,
                 "n_zero": int(cat["share"].isnan().sum()),
-                "share": cat["share"].nanmean().item(), "share_sq": cat["share_sq"].nanmean().item(),
+                "share": cat["share"].nanmean().item(), "cos_tau1": cat["cos"].nanmean().item(),
+                "norm_ratio": ratio, "norm_ratio_tau2": tau**2 * ratio, "share_sq": cat["share_sq"].nanmean().item(),
                 "teacher_tail": cat["t_tail"].mean().item(), "student_tail": cat["s_tail"].mean().item(),
                 "grad_norm": grad_norm, "grad_norm_tau2": tau**2 * grad_norm,
             })
@@ -241,6 +271,9 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Gradient ana
         "\nMeans over response positions. G = dD_tau/dS (student logits), no tau^2.\n"
         "share = ||G_rest||/||G||, share_sq = ||G_rest||^2/||G||^2 (rest = outside the teacher's top-k; "
         "positions with a numerically zero G are left out of the shares and counted in n_zero);\n"
+        "cos_tau1 = cos(G_tau, G_1) per position (direction: 1 = tau only rescales the update), "
+        "norm_ratio = median over positions of ||G_tau|| / ||G_1|| (scale; 1/tau^2 = exactly what the tau^2 factor undoes), "
+        "norm_ratio_tau2 = tau^2 norm_ratio;\n"
         "teacher_tail / student_tail = mass of p_tau / q_tau outside the teacher's top-k; "
         "grad_norm = ||G||, grad_norm_tau2 = tau^2 ||G||.\n"
     )
@@ -248,7 +281,9 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Gradient ana
 
 
 def plot_png(rows: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
-    """Two panels vs tau (log2 axis): the non-dominant gradient share per objective, and tail masses."""
+    """Four panels vs tau (log2 axis): per objective the non-dominant gradient share, its direction
+    (cosine to the gradient at tau=1) and its scale (norm ratio to tau=1, log2 axis, with the 1/tau^2
+    line the tau^2 factor undoes exactly); and the teacher's and student's tail masses."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; no display needed
@@ -257,28 +292,43 @@ def plot_png(rows: Sequence[Mapping[str, Any]], title: str = "") -> bytes:
     objectives = list(dict.fromkeys(r["objective"] for r in rows))
     taus = sorted({r["tau"] for r in rows})
     topk = rows[0]["topk"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8.5), constrained_layout=True)
+    (ax_share, ax_tail), (ax_cos, ax_ratio) = axes
     markers = "osD^vP*Xh"
     for i, obj in enumerate(objectives):
-        pts = sorted((r["tau"], r["share"]) for r in rows if r["objective"] == obj)
-        ax1.plot(*zip(*pts), marker=markers[i % len(markers)], label=obj)
-    ax1.set_ylabel(r"non-dominant share  $\|G_{rest}\| / \|G\|$")
-    ax1.set_title(f"Gradient share outside the teacher's top-{topk}")
-    ax1.legend(title="objective", ncol=2, fontsize=9)
+        mine = sorted((r for r in rows if r["objective"] == obj), key=lambda r: r["tau"])
+        x = [r["tau"] for r in mine]
+        style = {"marker": markers[i % len(markers)], "label": obj}
+        ax_share.plot(x, [r["share"] for r in mine], **style)
+        ax_cos.plot(x, [r["cos_tau1"] for r in mine], **style)
+        ax_ratio.plot(x, [r["norm_ratio"] for r in mine], **style)
+    ax_share.set_ylabel(r"non-dominant share  $\|G_{rest}\| / \|G\|$")
+    ax_share.set_title(f"Gradient share outside the teacher's top-{topk}")
+    ax_share.legend(title="objective", ncol=2, fontsize=9)
+    ax_cos.set_ylabel(r"$\cos(G_\tau, G_1)$, mean over positions")
+    ax_cos.set_title(r"Direction: 1 = $\tau$ only rescales the update")
+    ax_ratio.plot(taus, [t**-2 for t in taus], color="black", linestyle=":", label=r"$1/\tau^2$ ($\tau^2$ undoes it)")
+    ax_ratio.set_yscale("log", base=2)
+    ax_ratio.set_ylabel(r"$\|G_\tau\| / \|G_1\|$, median over positions")
+    ax_ratio.set_title(r"Scale relative to $\tau = 1$ (no $\tau^2$)")
+    ax_ratio.legend(fontsize=8, ncol=2)
     first = [r for r in rows if r["objective"] == objectives[0]]
     pts = sorted((r["tau"], r["teacher_tail"], r["student_tail"]) for r in first)
     x, t_tail, s_tail = zip(*pts)
-    ax2.plot(x, t_tail, marker="o", color="black", label=r"teacher  $1-\sum_{top\text{-}k} p_\tau$")
-    ax2.plot(x, s_tail, marker="s", color="gray", linestyle="--", label=r"student  $1-\sum_{top\text{-}k} q_\tau$")
-    ax2.set_ylabel("probability mass outside the teacher's top-k")
-    ax2.set_title("Tail mass")
-    ax2.legend(fontsize=9)
-    for ax in (ax1, ax2):
+    ax_tail.plot(x, t_tail, marker="o", color="black", label=r"teacher  $1-\sum_{top\text{-}k} p_\tau$")
+    ax_tail.plot(x, s_tail, marker="s", color="gray", linestyle="--", label=r"student  $1-\sum_{top\text{-}k} q_\tau$")
+    ax_tail.set_ylabel("probability mass outside the teacher's top-k")
+    ax_tail.set_title("Tail mass")
+    ax_tail.legend(fontsize=9)
+    for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xticks(taus, [f"{t:g}" for t in taus])
         ax.set_xlabel(r"distillation temperature $\tau$ (log$_2$ scale)")
-        ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    for ax in (ax_share, ax_tail):
+        ax.set_ylim(-0.02, 1.02)
+    lowest_cos = min((r["cos_tau1"] for r in rows if math.isfinite(r["cos_tau1"])), default=0.0)
+    ax_cos.set_ylim(min(-0.02, lowest_cos - 0.02), 1.02)
     n = rows[0]["n_positions"]
     fig.suptitle(title or f"Where the gradient goes as tau grows ({n} response positions)")
     buf = io.BytesIO()
@@ -412,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", nargs="?", const=os.environ.get("DISTILL_OUTPUT", "outputs"), default=None, metavar="ROOT",
                    help="analyse distill-demo's teacher and SFT student under ROOT (default: $DISTILL_OUTPUT or "
                         "outputs), with its data and template; writes ROOT/demo/analysis unless --out is given")
+    p.add_argument("--demo-cell", default=None, metavar="NAME",
+                   help="with --demo: the student is a distilled cell of the demo sweep instead of the warm start, "
+                        "NAME its dir name without the signature (e.g. rkl-tau1-s0); writes ROOT/demo/analysis-NAME")
     p.add_argument("--teacher", default=None, help="teacher: Hugging Face model dir")
     p.add_argument("--student", default=None, help="student: Hugging Face model dir (e.g. a job's exported student/)")
     p.add_argument("--template", default=None, help="prompt template (default: the data config's)")
@@ -451,16 +504,34 @@ def _use_demo(args: argparse.Namespace) -> None:
     dirs = prep_model_dirs(root)
     cfg = compose(["experiment=demo", f"paths.root={root}"])
     args.teacher = args.teacher or str(dirs["teacher"])
+    if args.demo_cell:
+        args.student = args.student or str(demo_cell_student(Path(cfg.paths.root) / "demo", args.demo_cell))
     args.student = args.student or str(dirs["student"])
     args.data_root = args.data_root or cfg.paths.data_dir
     args.template = args.template or cfg.data.template
-    args.out = args.out or str(root / "demo" / "analysis")
+    args.out = args.out or str(root / "demo" / (f"analysis-{args.demo_cell}" if args.demo_cell else "analysis"))
+
+
+def demo_cell_student(sweep_dir: Path, name: str) -> Path:
+    """The exported student of the one completed cell `<sweep_dir>/<name>-<8 hex>/` (ValueError otherwise)."""
+    import re
+
+    found = sorted(d for d in sweep_dir.glob(f"{name}-*")
+                   if re.fullmatch(re.escape(name) + r"-[0-9a-f]{8}", d.name) and (d / "student").is_dir())
+    if len(found) != 1:
+        have = sorted({re.sub(r"-[0-9a-f]{8}$", "", d.name) for d in sweep_dir.glob("*-*") if (d / "student").is_dir()})
+        what = "no" if not found else f"{len(found)}"
+        raise ValueError(f"--demo-cell {name!r}: {what} finished cell of that name under {sweep_dir} "
+                         f"(cells with a student: {', '.join(have) or 'none'})")
+    return found[0] / "student"
 
 
 def _main(args: argparse.Namespace) -> int:
     from distill import data as data_mod
     from distill import models
 
+    if args.demo_cell and args.demo is None:
+        raise ValueError("--demo-cell needs --demo [ROOT]")
     if args.demo is not None:
         _use_demo(args)
     if args.teacher is None or args.student is None:

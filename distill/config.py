@@ -81,6 +81,7 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
             "model.teacher.path is not set but loss.kd_ratio > 0: point it at a trained teacher "
             "(train one with experiment=teacher), or use loss.kd_ratio=0 for SFT"
         )
+    out.extend(_rollout_problems(cfg))
     if not cfg.eval.seeds:
         out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
     return out
@@ -191,6 +192,53 @@ def _divergence_param_problems(cfg: DictConfig) -> list[str]:
     except ValueError as exc:
         return [f"divergence={cfg.divergence.name}: {exc}"]
     return []
+
+
+def _rollout_problems(cfg: DictConfig) -> list[str]:
+    """What cannot run in the `rollout` group (absent = offline)."""
+    from distill.rollout import REPLAY_RATIOS, ROLLOUTS
+
+    r = cfg.get("rollout") or {"name": "offline"}
+    name = r.get("name")
+    if name not in ROLLOUTS:
+        return [f"rollout={name!r}: must be one of {list(ROLLOUTS)}"]
+    out: list[str] = []
+    kd = float(cfg.loss.kd_ratio)
+    if name in ("on_policy", "sgo") and kd == 0:
+        out.append(f"rollout={name} trains on the student's own samples scored by the teacher: it needs "
+                   "loss.kd_ratio > 0 (with kd_ratio=0 there is no teacher)")
+    if name == "on_policy" and not 0.0 <= float(r.lmbda) <= 1.0:
+        out.append(f"rollout.lmbda={r.lmbda}: the probability of a student-sampled micro-batch must be in [0, 1]")
+    if name == "sgo":
+        if r.replay_ratio not in REPLAY_RATIOS:
+            out.append(f"rollout.replay_ratio={r.replay_ratio!r}: must be one of {list(REPLAY_RATIOS)}")
+        if not 0.0 <= float(r.init_threshold) <= 1.0:
+            out.append(f"rollout.init_threshold={r.init_threshold}: must be in [0, 1]")
+        if float(r.loss_eps) < 0:
+            out.append(f"rollout.loss_eps={r.loss_eps}: must be >= 0")
+        if not isinstance(r.capacity, int) or r.capacity < cfg.trainer.micro_batch_size:
+            out.append(f"rollout.capacity={r.capacity!r}: the replay buffer must hold at least one micro-batch "
+                       f"(trainer.micro_batch_size={cfg.trainer.micro_batch_size})")
+        if float(r.init_threshold) == 0 and not cfg.trainer.eval_every:
+            out.append("rollout=sgo with init_threshold=0 adapts its threshold only at validations, and "
+                       "trainer.eval_every=0 validates only at the end: set trainer.eval_every (e.g. 25) or "
+                       "rollout.init_threshold > 0, else no micro-batch is ever generated")
+    if name == "seq_kd":
+        if not cfg.model.teacher.get("path"):
+            out.append("rollout=seq_kd needs model.teacher.path (its cache of teacher samples is keyed by the teacher's files)")
+        if not isinstance(r.batch_size, int) or r.batch_size < 1:
+            out.append(f"rollout.batch_size={r.batch_size!r}: must be an integer >= 1")
+    s = r.get("sampling")
+    if name != "offline" and s is not None:
+        if not float(s.temperature) > 0:
+            out.append(f"rollout.sampling.temperature={s.temperature}: the sampling temperature must be > 0")
+        if not 0.0 < float(s.top_p) <= 1.0:
+            out.append(f"rollout.sampling.top_p={s.top_p}: must be in (0, 1]")
+        if not isinstance(s.top_k, int) or s.top_k < 0:
+            out.append(f"rollout.sampling.top_k={s.top_k!r}: must be an integer >= 0 (0 = no top-k)")
+        if s.max_new_tokens is not None and (not isinstance(s.max_new_tokens, int) or s.max_new_tokens < 1):
+            out.append(f"rollout.sampling.max_new_tokens={s.max_new_tokens!r}: must be null or an integer >= 1")
+    return out
 
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:

@@ -499,12 +499,19 @@ def encode_prompts_left(tokenizer: Any, prompts: Sequence[str], max_prompt_lengt
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_id(tokenizer)
     ids = [_truncate(tokenizer.encode(p, add_special_tokens=False), max_prompt_length, truncation_side)
            for p in prompts]
+    return left_pad(ids, pad_id)
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """LEFT-pad token id lists to the longest: input_ids and attention_mask (0 on pads), for generation."""
+    if not ids:
+        raise ValueError("left_pad got no sequences")
     n = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), n), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), n), dtype=torch.long)
     for i, x in enumerate(ids):
-        if x:
-            input_ids[i, n - len(x):] = torch.tensor(x, dtype=torch.long)
+        if len(x):
+            input_ids[i, n - len(x):] = torch.as_tensor(list(x), dtype=torch.long)
             attention_mask[i, n - len(x):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 

@@ -5,7 +5,9 @@
     2. warm start    SFT of the 2-layer student: the anchors start students from SFT, since pure RKL
                      from a random init collapses and would make the comparison an artefact
     3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start, submitit's local
-                     launcher, two cells at a time (one per core), teacher cached once
+                     launcher, two cells at a time (one per core), teacher cached once; then the fair
+                     baseline: SFT continued from the same warm start for the same steps, one cell per
+                     seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
     4. the report    <root>/demo/report.{md,csv,png}
 
 A second run finds the finished teacher, warm start and cells by their signatures and skips them.
@@ -25,7 +27,7 @@ from distill.pipeline import compose, plan, run_pipeline  # noqa: F401  (compose
 RECIPE = "demo"
 # Scale presets: overrides for every stage (experiment presets go on top of the recipe) and the grid.
 SCALES = {
-    "full": {"overrides": [], "grid": []},
+    "full": {"overrides": [], "grid": [], "baseline_grid": []},
     "ci": {  # experiment=smoke's sizes, spelled out so the teacher and the student stay apart (4x64 vs 2x64)
         "overrides": [
             "data.generator.n_train=256", "data.generator.n_valid=32", "data.generator.n_test=16",
@@ -35,13 +37,14 @@ SCALES = {
             "eval.seeds=[10]", "eval.max_examples=8", "eval.batch_size=8", "eval.max_new_tokens=16", "logger=none",
         ],
         "grid": ["divergence=fkl,rkl,jsd", "tau=1.0,2.0", "seed=0"],
+        "baseline_grid": ["seed=0"],
     },
 }
 
 
 def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
     """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
-    stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"])
+    stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"], SCALES[scale]["baseline_grid"])
     return {role: stages[role].export for role in ("teacher", "student")}
 
 
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     scale = SCALES[args.scale]
-    result = run_pipeline(RECIPE, args.root, overrides=scale["overrides"], grid=scale["grid"], launcher="local",
-                          parallel=args.parallel)
+    result = run_pipeline(RECIPE, args.root, overrides=scale["overrides"], grid=scale["grid"],
+                          baseline_grid=scale["baseline_grid"], launcher="local", parallel=args.parallel)
     print("\n" + Path(result["report"]["report.md"]).read_text())
     print(f"distill-demo finished in {time.time() - t0:.0f} s", flush=True)
     return 0

@@ -152,10 +152,15 @@ def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: i
     return engine
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """The tag dir of the checkpoint after `step` steps (other state, e.g. a rollout's, may be saved in it)."""
+    return Path(run_dir) / CKPT_DIR / f"step{step:08d}"
+
+
 def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> None:
     """Collective save (every rank writes its shard), then rank 0 prunes all but the last `keep` tags."""
     ckpt_dir = Path(run_dir) / CKPT_DIR
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client_state)
+    engine.save_checkpoint(str(ckpt_dir), tag=checkpoint_dir(run_dir, step).name, client_state=client_state)
     dist.barrier()
     if dist.get_rank() == 0 and keep > 0:
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())

@@ -14,6 +14,7 @@ teacher-forced KL is measured at tau = 1, i.e. between the models' actual distri
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import statistics
@@ -113,6 +114,62 @@ def _decode_new_tokens(tokenizer, new_tokens: torch.Tensor, eos_token_id: int | 
     return texts
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """Run the body with the global RNG seeded by `seed`, then give the caller its own RNG state back.
+
+    Sampling inside is reproducible for a given seed (and batching) and consumes nothing from the
+    training run's RNG stream.
+    """
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def sample_new_tokens(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    do_sample: bool = True,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    synced_gpus: bool = False,
+) -> torch.Tensor:
+    """New tokens [B, n <= max_new_tokens] after LEFT-padded prompts: HF `generate` with the KV cache,
+    stopping once every row has emitted EOS (rows that stopped earlier are filled with `pad_token_id`).
+
+    Uses the global RNG (wrap the call in `seeded`). `synced_gpus=True` keeps every rank stepping until
+    all ranks are done: needed when forwards are collective (ZeRO-3 gathers parameters in each forward).
+    Runs under no_grad in eval mode and restores the model's mode.
+    """
+    decoding = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature) if do_sample else dict(do_sample=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            sequences = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                use_cache=True,
+                synced_gpus=synced_gpus,
+                **decoding,
+            )
+    finally:
+        model.train(was_training)
+    return sequences[:, input_ids.shape[1]:]
+
+
 def generate(
     model,
     tokenizer,
@@ -159,41 +216,22 @@ def generate(
 
     eos_token_id = tokenizer.eos_token_id
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
-    if do_sample:
-        decoding = dict(do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature)
-    else:
-        decoding = dict(do_sample=False)
     device = _model_device(model)
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-
-    was_training = model.training
-    model.eval()
     outputs: list[str] = []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            torch.manual_seed(seed)
-            starts = range(0, len(prompts), batch_size)
-            for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-                enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length,
-                                          truncation_side)
-                input_ids = enc["input_ids"].to(device)
-                attention_mask = enc["attention_mask"].to(device)
-                prompt_len = input_ids.shape[1]
-                n_new = max_new_tokens if max_new_tokens is not None else max(1, max_length - prompt_len)
-                sequences = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=n_new,
-                    no_repeat_ngram_size=no_repeat_ngram_size,
-                    eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id,
-                    use_cache=True,
-                    synced_gpus=synced_gpus,
-                    **decoding,
-                )
-                outputs.extend(_decode_new_tokens(tokenizer, sequences[:, prompt_len:], eos_token_id))
-    finally:
-        model.train(was_training)
+    with seeded(seed, device):
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            enc = encode_prompts_left(tokenizer, prompts[start : start + batch_size], max_prompt_length,
+                                      truncation_side)
+            prompt_len = enc["input_ids"].shape[1]
+            new_tokens = sample_new_tokens(
+                model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens if max_new_tokens is not None else max(1, max_length - prompt_len),
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, top_k=top_k,
+                top_p=top_p, temperature=temperature, no_repeat_ngram_size=no_repeat_ngram_size,
+                synced_gpus=synced_gpus,
+            )
+            outputs.extend(_decode_new_tokens(tokenizer, new_tokens, eos_token_id))
     return outputs
 
 

@@ -11,6 +11,8 @@ A recipe (`conf/recipe/<recipe>/`) has three stages, each one `distill-train` co
     2. student   SFT warm start of the student (recipe=<recipe>/student) } locally, one SLURM array on SLURM
     3. distill   the divergence x tau x seed grid (recipe=<recipe>/distill, its hydra.sweeper.params), with
                  model.teacher.path / model.student.path set to the exports of stages 1 and 2
+       baseline  if the recipe has one (recipe=<recipe>/baseline): SFT continued from the warm start, into
+                 the grid's sweep dir (the report's `sft` row)
     4. report    <root>/<distill sweep>/report.{md,csv,png}
 
 The driver composes every stage's config to find its run dir (the signature of its config, never the
@@ -124,7 +126,8 @@ def cell_configs(overrides: list[str], cells: list[list[str]]) -> list:
     return out
 
 
-def plan(recipe: str, root: Path, overrides: list[str] = (), grid: list[str] = ()) -> dict[str, StagePlan]:
+def plan(recipe: str, root: Path, overrides: list[str] = (), grid: list[str] = (),
+         baseline_grid: list[str] = ()) -> dict[str, StagePlan]:
     """Every stage of `recipe` under `root`: overrides, cells, run dirs. Pure bookkeeping: runs nothing."""
     if recipe not in recipes():
         raise ValueError(f"unknown recipe {recipe!r}: choose one of {', '.join(recipes())} (conf/recipe/)")
@@ -141,6 +144,12 @@ def plan(recipe: str, root: Path, overrides: list[str] = (), grid: list[str] = (
     configs = cell_configs(distill, cells)
     stages["distill"] = StagePlan("distill", distill, cells, [runs.run_dir(c) for c in configs],
                                   Path(configs[0].paths.sweep_dir))
+    if (RECIPE_DIR / recipe / "baseline.yaml").is_file():
+        base = [f"recipe={recipe}/baseline", *common, f"model.student.path={stages['student'].export}"]
+        cells = grid_cells(base, list(baseline_grid))
+        configs = cell_configs(base, cells)
+        stages["baseline"] = StagePlan("baseline", base, cells, [runs.run_dir(c) for c in configs],
+                                       Path(configs[0].paths.sweep_dir))
     return stages
 
 
@@ -150,7 +159,7 @@ def train_command(overrides: list[str], *, multirun: bool = False) -> list[str]:
 
 
 def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid: list[str],
-             hydra_overrides: list[str]) -> list[tuple[str, list[str]]]:
+             hydra_overrides: list[str], baseline_grid: list[str] = ()) -> list[tuple[str, list[str]]]:
     """(title, command) of every unfinished stage, in order. Locally the SFT stages run one after the other
     as plain jobs and the grid through submitit's local launcher, `parallel` cells at a time; on SLURM the
     two SFT stages are one job array (a multirun over the recipe's stage) and the grid another."""
@@ -164,11 +173,11 @@ def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid
         common = stages[todo[0]].overrides[1:]
         out.append(("+".join(todo), train_command([f"recipe={recipe_choice}", *common, f"hydra/launcher={launcher}",
                                                    *hydra_overrides], multirun=True)))
-    if not stages["distill"].finished:
-        local = ["hydra/launcher=local", f"hydra.sweeper.max_batch_size={parallel}"] if launcher == "local" else \
-            [f"hydra/launcher={launcher}"]
-        out.append(("distill", train_command([*stages["distill"].overrides, *grid, *local, *hydra_overrides],
-                                             multirun=True)))
+    local = ["hydra/launcher=local", f"hydra.sweeper.max_batch_size={parallel}"] if launcher == "local" else \
+        [f"hydra/launcher={launcher}"]
+    for name, cells in (("distill", list(grid)), ("baseline", list(baseline_grid))):
+        if name in stages and not stages[name].finished:
+            out.append((name, train_command([*stages[name].overrides, *cells, *local, *hydra_overrides], multirun=True)))
     return out
 
 
@@ -189,7 +198,7 @@ def describe(stages: dict[str, StagePlan]) -> str:
 
 
 def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] = (), grid: list[str] = (),
-                 launcher: str = "local", parallel: int = 2, dry_run: bool = False,
+                 baseline_grid: list[str] = (), launcher: str = "local", parallel: int = 2, dry_run: bool = False,
                  log: Any = print) -> dict[str, Any]:
     """Run (or resume) every unfinished stage of `recipe`, then the report. Returns the stage plans and the
     report's paths. A stage that fails stops the pipeline (CalledProcessError), after the grid's report."""
@@ -197,9 +206,10 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
         raise ValueError(f"unknown launcher {launcher!r}: choose one of {', '.join(LAUNCHERS)}")
     root = Path(root).resolve()
     _, hydra_overrides = _split(list(overrides))
-    stages = plan(recipe, root, overrides, grid)
+    stages = plan(recipe, root, overrides, grid, baseline_grid)
     log(f"distill-pipeline {recipe}: {root}\n{describe(stages)}")
-    todo = commands(stages, launcher=launcher, parallel=parallel, grid=list(grid), hydra_overrides=hydra_overrides)
+    todo = commands(stages, launcher=launcher, parallel=parallel, grid=list(grid), hydra_overrides=hydra_overrides,
+                    baseline_grid=list(baseline_grid))
     for stage in stages.values():
         if stage.finished:
             log(f"== {stage.name}: every cell already completed, skipped")
@@ -215,7 +225,7 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
             subprocess.run(cmd, check=True)
         except subprocess.CalledProcessError as exc:
             failure = exc
-            if title != "distill":
+            if title not in ("distill", "baseline"):
                 raise
         log(f"== {title}: done in {time.time() - t0:.0f} s")
         for name in title.split("+"):
@@ -240,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="output root (default: $DISTILL_OUTPUT or ./outputs)")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=A,B",
                         help="replace the recipe's grid along KEY (repeatable), e.g. --grid tau=1.0,2.0")
+    parser.add_argument("--baseline-grid", action="append", default=[], metavar="KEY=A,B",
+                        help="replace the baseline stage's grid along KEY (recipes with a baseline stage)")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="local (this machine) or a SLURM launcher of conf/hydra/launcher/")
     parser.add_argument("--parallel", type=int, default=2, help="local launcher: grid cells trained at once")
@@ -255,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        run_pipeline(args.recipe, args.root, overrides=args.overrides, grid=args.grid, launcher=args.launcher,
-                     parallel=args.parallel, dry_run=args.dry_run)
+        run_pipeline(args.recipe, args.root, overrides=args.overrides, grid=args.grid,
+                     baseline_grid=args.baseline_grid, launcher=args.launcher, parallel=args.parallel,
+                     dry_run=args.dry_run)
     except (ValueError, HydraException) as exc:
         print(f"distill-pipeline: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -72,8 +72,10 @@ class Cell:
 
     @property
     def label_source(self) -> dict[str, Any]:
-        """The cell description without per-cell identifiers (signature)."""
-        return {k: v for k, v in (self.metrics or {}).get("cell", {}).items() if k not in IDENTITY_KEYS}
+        """The cell description without per-cell identifiers (signature); cells written before rollouts
+        existed trained on the references: their rollout is 'offline'."""
+        cell = {k: v for k, v in (self.metrics or {}).get("cell", {}).items() if k not in IDENTITY_KEYS}
+        return {**cell, "rollout": cell.get("rollout") or "offline"} if cell else cell
 
 
 def parse_metrics(text: str, source: str) -> dict[str, Any]:
@@ -221,9 +223,11 @@ def objectives(cells: Iterable[Cell]) -> dict[str, Objective]:
     skip = {"divergence", "divergence_params", "tau", "seed"}
 
     def varying(group: list[Cell], ignore: Iterable[str] = ()) -> list[str]:
-        # a field varies if it takes two values (absent counts as a value) across the group
+        # a field varies if it takes two values across the cells that record it: a field that newer
+        # code added (e.g. max_steps) does not split a sweep whose older cells lack it
         keys = sorted({k for c in group for k in c.label_source} - skip - set(ignore))
-        return [k for k in keys if len({json.dumps(c.label_source.get(k), sort_keys=True) for c in group}) > 1]
+        return [k for k in keys
+                if len({json.dumps(c.label_source[k], sort_keys=True) for c in group if k in c.label_source}) > 1]
 
     sft = [c for c in done if c.label_source["divergence"] == SFT]
     distilled = [c for c in done if c.label_source["divergence"] != SFT]
@@ -801,6 +805,8 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
     flattened final summary `eval.<benchmark>.rougeL_mean` (+ `_std`, ...) and `valid.<ce|fkl|rkl>`;
     nested keys and `/` separators are accepted too.
     """
+    from distill.rollout import label as rollout_label
+
     config = _unflatten(config)
     div = dict(config.get("divergence") or {})
     loss = config.get("loss") or {}
@@ -808,7 +814,8 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
     cell = {"divergence": div.pop("name", None) if kd_ratio else "sft", "divergence_params": div,
             "tau": config.get("tau"), "seed": config.get("seed"), "tau_target": loss.get("tau_target"),
             "tau_squared": loss.get("tau_squared"), "kd_ratio": kd_ratio,
-            "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name")}
+            "model": (config.get("model") or {}).get("name"), "dataset": (config.get("data") or {}).get("name"),
+            "rollout": rollout_label(config.get("rollout"))}
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
     for k, v in summary.items():

@@ -72,6 +72,17 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
         data["tau"] = float(data["tau"])
     if isinstance(data.get("loss", {}).get("kd_ratio"), (int, float)):
         data["loss"]["kd_ratio"] = float(data["loss"]["kd_ratio"])
+    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
+    rollout = data.get("rollout") or {}
+    if rollout.get("name", "offline") == "offline":
+        data.pop("rollout", None)
+    for key in ("lmbda", "init_threshold", "loss_eps"):
+        if isinstance(rollout.get(key), int) and not isinstance(rollout.get(key), bool):
+            rollout[key] = float(rollout[key])
+    for key in ("temperature", "top_p"):
+        sampling = rollout.get("sampling") or {}
+        if isinstance(sampling.get(key), int) and not isinstance(sampling.get(key), bool):
+            sampling[key] = float(sampling[key])
     div = data.get("divergence", {})
     for k, v in div.items():
         if isinstance(v, int) and not isinstance(v, bool):
@@ -89,6 +100,17 @@ def _fmt_number(x: float) -> str:
     return f"{float(x):g}".replace("-", "m")
 
 
+def _rollout_tag(cfg: DictConfig) -> str | None:
+    """`onpolicy0.5`, `sgo`, `seqkd`; None for the default offline rollout (names stay as they were)."""
+    r = cfg.get("rollout") or {}
+    name = r.get("name", "offline")
+    if name == "on_policy":
+        return f"onpolicy{_fmt_number(r.lmbda)}"
+    if name == "offline":
+        return None
+    return str(name).replace("_", "")
+
+
 def model_label(cfg: DictConfig, role: str = "student") -> str:
     """Short name of the `role` model: `model.<role>.name`, else the last part of its path, else its arch."""
     spec = cfg.model[role]
@@ -102,14 +124,18 @@ def model_label(cfg: DictConfig, role: str = "student") -> str:
 
 def cell_name(cfg: DictConfig) -> str:
     """Readable prefix of a cell dir, naming the trained model: `sft-gpt2-xl-s0` (kd_ratio=0),
-    `fkl-tau2-gpt2-s0` or `fkl-tau2-kd0.5-gpt2-s0`."""
+    `fkl-tau2-gpt2-s0`, `fkl-tau2-kd0.5-gpt2-s0`, and with a rollout other than offline
+    `jsd-tau1-onpolicy0.5-gpt2-s0`, `skl-tau1-sgo-gpt2-s0`, `sft-seqkd-gpt2-s0`."""
     seed, model = f"s{cfg.seed}", model_label(cfg, "student")
     kd = float(cfg.loss.kd_ratio)
+    rollout = _rollout_tag(cfg)
     if kd == 0.0:
-        return f"sft-{model}-{seed}"
+        return "-".join(["sft", *([rollout] if rollout else []), model, seed])
     parts = [str(cfg.divergence.name), f"tau{_fmt_number(cfg.tau)}"]
     if kd != 1.0:
         parts.append(f"kd{_fmt_number(kd)}")
+    if rollout:
+        parts.append(rollout)
     parts += [model, seed]
     return "-".join(parts)
 

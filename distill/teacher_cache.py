@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from filelock import FileLock
@@ -105,6 +105,26 @@ def compute(teacher: torch.nn.Module, examples: Sequence[dict], *, pad_id: int, 
     return out
 
 
+def build_once(path: Path, compute: Callable[[], dict[str, torch.Tensor]], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Load the safetensors file at `path`, or `compute()` and write it first.
+
+    One process computes at a time (a file lock next to it: cells that start together wait for the
+    first, then read its file), the write is atomic (temp file + rename), and loading is weights-only.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            log.info("cache: computing %s", path.name)
+            tensors = compute()
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        else:
+            log.info("cache: reusing %s", path.name)
+    return load_file(str(path))  # safetensors: weights only, nothing executed
+
+
 class TeacherCache:
     """Cached teacher log-probs for a fixed list of encoded examples, addressed by example index."""
 
@@ -125,20 +145,12 @@ class TeacherCache:
         if topk is not None and not 1 <= topk < vocab:
             raise ValueError(f"loss.teacher_cache_topk={topk}: must be in [1, {vocab - 1}] or null for full log-probs")
         key = cache_key(teacher_path, examples, dtype, topk)
-        cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / f"teacher-{key}.safetensors"
-        with FileLock(str(path) + ".lock"):
-            if not path.exists():
-                log.info("teacher cache: computing %s (%d examples)", path.name, len(examples))
-                tensors = compute(teacher, examples, pad_id=pad_id, batch_size=batch_size, topk=topk,
-                                  device=device, progress=progress)
-                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-                save_file(tensors, str(tmp), metadata={"key": key, "vocab_size": str(vocab), "topk": str(topk)})
-                os.replace(tmp, path)
-            else:
-                log.info("teacher cache: reusing %s", path.name)
-        tensors = load_file(str(path))  # safetensors: weights only, nothing executed
+        tensors = build_once(
+            Path(cache_dir) / f"teacher-{key}.safetensors",
+            lambda: compute(teacher, examples, pad_id=pad_id, batch_size=batch_size, topk=topk, device=device,
+                            progress=progress),
+            {"key": key, "vocab_size": str(vocab), "topk": str(topk)},
+        )
         if len(tensors["offsets"]) != len(examples) + 1:
             raise ValueError(f"teacher cache {path} holds {len(tensors['offsets']) - 1} examples, expected {len(examples)}")
         return cls(tensors, vocab, key)

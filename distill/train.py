@@ -9,8 +9,8 @@
     cell = setup(cfg)            # config checks, distributed env, run dir (a finished cell is skipped before),
                                  # tracker, data, tokenizer, the schedule (global batch split over the ranks,
                                  # epochs -> steps), teacher (frozen) or its cache, student (DeepSpeed ZeRO)
-                                 # resumed from its latest checkpoint
-    train_step(cell, step)       # one optimizer step: micro-batches, exact accumulation, engine.step
+                                 # resumed from its latest checkpoint, the rollout and its state
+    train_step(cell, step)       # one optimizer step: the rollout's micro-batches, exact accumulation, engine.step
     after_step(cell, result)     # train log, validate(cell) + checkpoint selection, checkpoint, on their cadence
     finish(cell)                 # final validation, HF export of the selected checkpoint, generation + ROUGE-L,
                                  # metrics.json
@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill import data as data_mod
 from distill import engine as eng
 from distill import evaluate, models, runs
+from distill import rollout as rollout_mod
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError, Schedule
 from distill.config import schedule as resolve_schedule
@@ -159,10 +160,14 @@ def cell_identity(cfg: DictConfig, sig: str) -> dict[str, Any]:
         "tau_squared": bool(cfg.loss.tau_squared),
         "kd_ratio": float(cfg.loss.kd_ratio),
         "seed": int(cfg.seed),
+        # the training budget (ablations compare budgets): steps, or epochs (recipes)
+        "max_steps": cfg.trainer.get("max_steps"),
+        "epochs": cfg.trainer.get("epochs"),
         "model": cfg.model.name,
         "teacher": cfg.model.teacher.get("path") if cfg.loss.kd_ratio > 0 else None,
         "student": cfg.model.student.get("path") or f"{cfg.model.get('arch', 'hf')}-init",
         "dataset": cfg.data.name,
+        "rollout": rollout_mod.label(cfg.get("rollout")),
         "signature": sig,
     }
 
@@ -203,6 +208,7 @@ class Cell:
     tracker: Tracker
     metrics: dict[str, Any]      # what metrics.json will hold
     progress: Progress
+    rollout: rollout_mod.Rollout  # where each step's sequences come from, with its checkpointed state
     bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
 
 
@@ -228,7 +234,8 @@ def setup(cfg: DictConfig) -> Cell:
     metrics = _initial_metrics(cfg, rdir)
     tracker = Tracker(
         cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
-        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}"],
+        tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}",
+              f"rollout:{(cfg.get('rollout') or {}).get('name', 'offline')}"],
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
     )
     with _failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
@@ -241,11 +248,18 @@ def setup(cfg: DictConfig) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        sched = resolve_schedule(cfg.trainer, world, len(train_ex))
-        teacher, cache, engine = _build_models(cfg, tokenizer, train_ex, sched, device=device, rank=rank)
+        teacher, cache, engine, train_ex, sched = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank,
+                                                                world=world)
         progress = _resume(engine, rdir, rank)
         metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict(), **_batch_info(sched)}
         val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world, micro=sched.batch.micro)
+        rollout = _rollout(cfg, tokenizer, rdir, progress.step, sched, world=world, rank=rank)
+        if rollout.needs_initial_dev_loss and val_batches:
+            # DistiLLM's SGO compares later dev losses with the one before training (finetune.py: the first
+            # `evaluate` call before the loop).
+            val = validate_model(engine.module, teacher, val_batches, device, rank, world)
+            rollout.observe_dev_loss(val["ce"])
+            tracker.log({f"valid/{k}": v for k, v in val.items()}, step=0)
         bar = None
         if rank == 0 and cfg.trainer.progress:
             from tqdm.auto import tqdm
@@ -257,7 +271,7 @@ def setup(cfg: DictConfig) -> Cell:
     return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, schedule=sched, splits=splits,
                 tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
-                tracker=tracker, metrics=metrics, progress=progress, bar=bar)
+                tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar)
 
 
 def _open_run_dir(cfg: DictConfig, rank: int) -> Path:
@@ -314,27 +328,55 @@ def _batch_info(sched: Schedule) -> dict[str, Any]:
             "world_size": b.world, "steps_per_epoch": sched.steps_per_epoch, "epochs": round(sched.epochs, 4)}
 
 
-def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], sched: Schedule, *, device: torch.device,
-                  rank: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any]:
-    """(teacher, teacher cache, student engine). The teacher is frozen, in eval mode, outside DeepSpeed;
-    there is none at all for SFT (kd_ratio=0)."""
+def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
+                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any, list[dict], Schedule]:
+    """(teacher, teacher cache, student engine, training examples, schedule). The teacher is frozen, in eval
+    mode, outside DeepSpeed; there is none at all for SFT (kd_ratio=0). With rollout=seq_kd the training examples
+    are the teacher's cached samples (and the teacher cache, if any, is computed on those). The schedule (global
+    batch split over `world` ranks, epochs -> steps) counts the final training examples."""
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
     if tcfg.get("gradient_checkpointing"):
         student.gradient_checkpointing_enable()
     teacher = cache = None
+
+    def load_teacher() -> torch.nn.Module:
+        model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
+        return model.requires_grad_(False).eval().to(device)
+
     if cfg.loss.kd_ratio > 0:
-        teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
-        teacher.requires_grad_(False).eval().to(device)
+        teacher = load_teacher()
         models.check_vocab(student, teacher, tokenizer)
+    if (cfg.get("rollout") or {}).get("name") == "seq_kd":
+        train_ex = rollout_mod.seq_kd_examples(
+            Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
+            load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
+        )
+    sched = resolve_schedule(tcfg, world, len(train_ex))
     if teacher is not None and cfg.loss.teacher_cache:
         cache = TeacherCache.build_or_load(
             Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
             batch_size=sched.batch.micro, topk=cfg.loss.get("teacher_cache_topk"), device=device,
             dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
         )
-    return teacher, cache, eng.initialize(student, tcfg, sched.batch.world, max_steps=sched.max_steps, plan=sched.batch)
+    return teacher, cache, eng.initialize(student, tcfg, world, max_steps=sched.max_steps, plan=sched.batch), \
+        train_ex, sched
+
+
+def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, sched: Schedule, *, world: int,
+             rank: int) -> rollout_mod.Rollout:
+    """The cell's rollout; when resuming, with the replay buffer, threshold and counters of the checkpoint."""
+    rollout = rollout_mod.Rollout(
+        cfg.get("rollout") or {"name": "offline"}, seed=int(cfg.seed), max_steps=sched.max_steps,
+        pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=int(cfg.data.max_length),
+        # ZeRO-3 gathers parameters inside every forward: ranks must keep stepping until all finished generating
+        synced_gpus=int(cfg.trainer.zero_stage) == 3 and world > 1,
+    )
+    if step > 0 and rollout.stateful:
+        rollout.load(eng.checkpoint_dir(rdir, step), rank)
+    return rollout
 
 
 def _resume(engine, rdir: Path, rank: int) -> Progress:
@@ -376,14 +418,17 @@ def _no_lap(segment: str) -> None:
 
 
 def sample_batches(cell: Cell, step: int) -> list[dict]:
-    """This rank's micro-batches of `step` (the schedule's accumulation), collated, each with its example ids."""
+    """This rank's micro-batches of `step` (the schedule's accumulation), as the rollout supplies them, collated.
+    Micro-batches of training examples carry their example ids; generated or replayed ones do not (the live
+    teacher scores them)."""
     plan, n = cell.schedule.batch, len(cell.train_examples)
+    ids = [sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=plan.micro, grad_accum=plan.accum,
+                          seed=int(cell.cfg.seed)) for m in range(plan.accum)]
+    policy = cell.engine.module if cell.rollout.samples_student else None
     out = []
-    for m in range(plan.accum):
-        idx = sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=plan.micro, grad_accum=plan.accum,
-                             seed=int(cell.cfg.seed))
-        batch = data_mod.collate_train([cell.train_examples[i] for i in idx], cell.tokenizer.pad_token_id)
-        out.append({**batch, EXAMPLE_IDS: torch.tensor(idx)})
+    for mb in cell.rollout.micro_batches(step, ids, cell.train_examples, policy, cell.rank):
+        batch = data_mod.collate_train(mb.examples, cell.tokenizer.pad_token_id)
+        out.append(batch if mb.example_ids is None else {**batch, EXAMPLE_IDS: torch.tensor(mb.example_ids)})
     return out
 
 
@@ -453,9 +498,13 @@ def after_step(cell: Cell, result: dict[str, Any]) -> None:
         _log_train(cell, result["parts"])
     if sched.eval_every and done % sched.eval_every == 0 and done != sched.max_steps:
         evaluation = evaluate_and_select(cell)
+        if "ce" in evaluation:
+            cell.rollout.observe_dev_loss(evaluation["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
         cell.tracker.log({f"valid/{k}": v for k, v in evaluation.items() if k != "step"}, step=done)
     if sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps:
         p = cell.progress
+        if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
+            cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
         eng.save_checkpoint(cell.engine, cell.run_dir, done,
                             {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
                              "evaluations": p.evaluations, "best": p.best},
@@ -474,7 +523,8 @@ def _log_train(cell: Cell, parts: dict[str, float]) -> None:
     p.loss_sum, p.loss_steps = 0.0, 0
     tps = (p.tokens - p.tokens_at_start) / max(time.time() - p.t_start, 1e-9)
     cell.tracker.log({"train/loss": step_loss, "train/lr": cell.engine.get_lr()[0], "train/tokens": p.tokens,
-                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()}}, step=p.step)
+                      "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()},
+                      **cell.rollout.log_values()}, step=p.step)
     cell.metrics["train"]["final_loss"] = step_loss
     if cell.bar is not None:
         cell.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
@@ -564,6 +614,7 @@ def finish(cell: Cell) -> dict[str, Any]:
     train_time = time.time() - p.t_start
     final = evaluate_and_select(cell, final=True)
     m["train"].update(steps=sched.max_steps, tokens=p.tokens, time_s=round(train_time, 3),
+                      rollout=cell.rollout.summary(),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
     student_dir = cell.run_dir / "student"

@@ -104,6 +104,44 @@ def test_rkl_only_rescales_for_a_uniform_student():
     assert fkl[-1] - fkl[0] > 0.3
 
 
+def test_direction_and_scale_rkl_rescaled_fkl_turned():
+    """Uniform student, peaked teacher: RKL's G_tau = -(T - mean T) / (V tau^2) is G_1 / tau^2 (cos 1,
+    ratio 1/tau^2, undone exactly by tau^2); FKL's (q - p_tau) / tau turns as p_tau flattens."""
+    t = peaked_teacher()
+    rows = analyze_logits(torch.zeros_like(t), t, objectives=["rkl", "fkl"], taus=TAUS)
+    for r in rows:
+        if r["objective"] == "rkl":
+            assert r["cos_tau1"] == pytest.approx(1.0, abs=1e-5)
+            assert r["norm_ratio"] == pytest.approx(r["tau"] ** -2, rel=1e-4)
+            assert r["norm_ratio_tau2"] == pytest.approx(1.0, rel=1e-4)
+    fkl = {r["tau"]: r for r in rows if r["objective"] == "fkl"}
+    assert fkl[1.0]["cos_tau1"] == pytest.approx(1.0, abs=1e-6) and fkl[1.0]["norm_ratio"] == pytest.approx(1.0)
+    u = torch.full_like(t, 1.0 / t.shape[1])
+    for tau, r in fkl.items():   # G_tau is parallel to u - p_tau
+        expected = F.cosine_similarity(u - F.softmax(t / tau, -1), u - F.softmax(t, -1), dim=-1).mean()
+        assert r["cos_tau1"] == pytest.approx(expected.item(), rel=1e-4)
+        if tau != 1.0:   # and not a 1/tau^2 rescale either
+            assert abs(r["norm_ratio_tau2"] - 1.0) > 0.05
+    cos = [fkl[t]["cos_tau1"] for t in (1.0, 2.0, 4.0, 8.0)]
+    assert all(a > b for a, b in zip(cos, cos[1:])) and cos[-1] < 0.9   # turns further the higher tau goes
+    assert fkl[0.5]["cos_tau1"] < 1 - 1e-3
+
+
+def test_direction_stats_equal_a_direct_computation():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(20, 30, generator=g), torch.randn(20, 30, generator=g) * 2
+    s[:4] = t[:4]   # four positions where the student equals the teacher: no direction at any tau
+    (row,) = analyze_logits(s, t, objectives=["jsd"], taus=[3.0])
+    g1, g3 = gradient("jsd", s[4:], t[4:], 1.0), gradient("jsd", s[4:], t[4:], 3.0)
+    cos = (g1 * g3).sum(-1) / (g1.norm(dim=-1) * g3.norm(dim=-1))
+    assert row["cos_tau1"] == pytest.approx(cos.mean().item(), rel=1e-5)
+    assert row["norm_ratio"] == pytest.approx((g3.norm(dim=-1) / g1.norm(dim=-1)).median().item(), rel=1e-5)
+    assert row["norm_ratio_tau2"] == pytest.approx(9 * row["norm_ratio"], rel=1e-9)
+    # taus without 1 still compare with tau = 1
+    (alone,) = analyze_logits(s, t, objectives=["jsd"], taus=[3.0])
+    assert alone["cos_tau1"] == row["cos_tau1"]
+
+
 def test_rkl_gradient_follows_student_mass_fkl_follows_teacher_mass():
     t = peaked_teacher(n=16)
     j = 5
@@ -209,7 +247,10 @@ def test_cli_end_to_end_on_the_embedded_suite(tiny_pair, tmp_path, capsys):
     for r in rows:
         assert 0 <= float(r["share"]) <= 1 and float(r["grad_norm"]) > 0
     md = (out / "grad_analysis.md").read_text()
-    assert md.count("| fkl |") == 3 and "share_sq" in md
+    assert md.count("| fkl |") == 3 and "share_sq" in md and "cos_tau1" in md and "norm_ratio" in md
+    at1 = [r for r in rows if float(r["tau"]) == 1.0]
+    assert all(float(r["cos_tau1"]) == pytest.approx(1.0, abs=1e-5) and float(r["norm_ratio"]) == pytest.approx(1.0)
+               for r in at1)
     assert (out / "grad_analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left behind
     assert "grad_analysis.csv" in capsys.readouterr().out
@@ -288,6 +329,31 @@ def test_cli_demo_mode_finds_the_demos_pair_data_and_template(tiny_pair, tmp_pat
     assert rc == 0
     assert seen["template"] == "alpaca_compact"
     assert len(read_csv(demo_root / "demo" / "analysis" / "grad_analysis.csv")) == 4
+
+
+def test_cli_demo_cell_analyses_a_distilled_student(tiny_pair, tmp_path, capsys):
+    """`--demo ROOT --demo-cell rkl-tau1-s0`: the teacher stays the demo's, the student is that cell's export."""
+    import shutil
+
+    from distill.demo import prep_model_dirs
+
+    root, _, dirs = tiny_pair
+    demo_root = tmp_path / "demo_root"
+    shutil.copytree(root / "data", demo_root / "data")
+    for role, target in prep_model_dirs(demo_root).items():
+        shutil.copytree(dirs[role], target)
+    cell = demo_root / "demo" / "rkl-tau1-s0-0123abcd"
+    shutil.copytree(dirs["student"], cell / "student")
+    (demo_root / "demo" / "rkl-tau1-s10-89abcdef" / "student").mkdir(parents=True)   # a prefix, not the cell
+    args = ["--demo", str(demo_root), "--objectives", "fkl", "--taus", "1,2", "--num-examples", "2"]
+    assert analyze.main(args + ["--demo-cell", "rkl-tau1-s0"]) == 0
+    assert f"student {cell / 'student'}" in capsys.readouterr().out
+    assert len(read_csv(demo_root / "demo" / "analysis-rkl-tau1-s0" / "grad_analysis.csv")) == 2
+    assert analyze.main(args + ["--demo-cell", "fkl-tau9-s0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'fkl-tau9-s0': no finished cell" in err and "rkl-tau1-s0" in err
+    assert analyze.main(["--demo-cell", "rkl-tau1-s0"]) == 2
+    assert "--demo-cell needs --demo" in capsys.readouterr().err
 
 
 def test_cli_without_a_pair_says_what_to_give(capsys):

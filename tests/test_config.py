@@ -12,7 +12,8 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["model", "divergence", "data", "trainer", "eval", "logger", "experiment"])
+@pytest.mark.parametrize("group", ["model", "divergence", "rollout", "data", "trainer", "eval", "logger", "method",
+                                   "experiment"])
 def test_every_group_option_composes(group):
     options = _options(group)
     assert options, f"conf/{group} is empty"

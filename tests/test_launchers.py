@@ -182,6 +182,9 @@ def test_sweep_group_is_a_relative_symlink():
      {"model": "gpt2xl_gpt2", "data": "dolly"}),
     ("family", {"divergence": sorted(p.stem for p in (CONF / "divergence").glob("*.yaml")),
                 "tau": [1.0, 2.0, 4.0], "seed": [0, 1, 2]}, {}),
+    ("demo_ablation", {"divergence": ["fkl", "rkl", "jsd"], "tau": [1.0, 1.5, 2.0, 3.0, 4.0],
+                       "loss.tau_squared": [True, False], "trainer.max_steps": [150, 450], "seed": [0, 1, 2]},
+     {"experiment": "demo"}),
 ])
 def test_sweep_file_expands_to_grid(compose_train, sweep, grid, extra):
     assert (SWEEPS / f"{sweep}.yaml").read_text().startswith("# @package _global_")
@@ -206,6 +209,64 @@ def test_sweep_file_expands_to_grid(compose_train, sweep, grid, extra):
         assert job_cfg.tau == float(want["tau"]) and isinstance(job_cfg.tau, float)
         assert job_cfg.seed == int(want["seed"])
         assert job_cfg.sweep_name == sweep
+
+
+def test_sota_sweep_pairs_each_recipe_with_its_rollout(compose_train):
+    cfg = compose_train(["+sweep=sota", "experiment=demo"])
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) == 6 * 3 * 3 and cfg.sweep_name == "sota" and cfg.trainer.eval_every > 0
+    loader = GlobalHydra.instance().config_loader()
+    expected = {"gkd": ("jsd", "on_policy"), "distillm": ("skl", "sgo"), "ab": ("ab", "offline"),
+                "akl": ("akl", "offline"), "fkl": ("fkl", "offline"), "rkl": ("rkl", "offline")}
+    seen = {}
+    for job in jobs:
+        want = dict(o.split("=", 1) for o in job if "=" in o and not o.startswith("+"))
+        if want["tau"] != "2.0" or want["seed"] != "1":
+            continue
+        job_cfg = loader.load_sweep_config(cfg, list(job))
+        seen[want["method"]] = (job_cfg.divergence.name, job_cfg.rollout.name)
+        assert job_cfg.tau == 2.0 and job_cfg.trainer.max_steps == 150  # the demo preset still applies
+        if want["method"] == "gkd":
+            assert (job_cfg.divergence.beta, job_cfg.rollout.lmbda) == (0.5, 0.5)
+        if want["method"] == "distillm":
+            assert (job_cfg.divergence.alpha, job_cfg.rollout.init_threshold, job_cfg.rollout.loss_eps,
+                    job_cfg.rollout.capacity) == (0.1, 0.0, 0.1, 1000)
+    assert seen == expected
+
+
+def test_demo_ablation_cells_compose_with_their_factor_and_budget(compose_train):
+    cfg = compose_train(["+sweep=demo_ablation"])
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) == 5 * 3 * 2 * 2 * 3 == 180
+    loader = GlobalHydra.instance().config_loader()
+    demo = OmegaConf.load(CONF / "experiment" / "demo.yaml")
+    seen = set()
+    for job in jobs:
+        want = dict(o.split("=", 1) for o in job[:-1])
+        if (want["loss.tau_squared"], want["trainer.max_steps"]) in seen:
+            continue
+        seen.add((want["loss.tau_squared"], want["trainer.max_steps"]))
+        job_cfg = loader.load_sweep_config(cfg, list(job))
+        assert job_cfg.loss.tau_squared is {"True": True, "False": False}[want["loss.tau_squared"]]
+        assert job_cfg.trainer.max_steps == int(want["trainer.max_steps"])
+        # everything else is the demo's: same lr, warmup, eval, teacher cache
+        assert job_cfg.trainer.lr == demo.trainer.lr and job_cfg.trainer.warmup_steps == demo.trainer.warmup_steps
+        assert job_cfg.eval.seeds == demo.eval.seeds and job_cfg.loss.teacher_cache is True
+    assert len(seen) == 4
+
+
+def test_demo_sft_is_the_demo_cells_without_the_teacher(compose_train):
+    """The SFT continuation: one cell per demo seed, in the demo's sweep dir, same steps/optimizer, kd_ratio 0."""
+    demo = compose_train(["+sweep=demo"])
+    cfg = compose_train(["+sweep=demo_sft"])
+    assert cfg.sweep_name == "demo" and cfg.paths.sweep_dir == demo.paths.sweep_dir
+    jobs = sweep_jobs(cfg)
+    assert [j[:-1] for j in jobs] == [[f"seed={s}"] for s in (0, 1, 2)]
+    assert {int(o.split("=")[1]) for j in jobs for o in j[:-1]} == {int(s) for s in str(demo.hydra.sweeper.params.seed).split(",")}
+    job_cfg = GlobalHydra.instance().config_loader().load_sweep_config(cfg, list(jobs[0]))
+    assert job_cfg.loss.kd_ratio == 0.0
+    for key in ("trainer", "data", "eval", "model"):
+        assert OmegaConf.to_container(job_cfg[key]) == OmegaConf.to_container(demo[key]), key
 
 
 def test_smoke_sweep_selects_smoke_experiment(compose_train):

@@ -72,26 +72,28 @@ def test_unknown_recipe_is_a_one_line_error(capsys):
 def test_scaled_down_pipeline_end_to_end_then_a_rerun_skips_every_stage(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "distill.pipeline", "demo", "--root", str(tmp_path), *CI,
-           "--grid", "divergence=fkl,rkl", "--grid", "tau=1.0", "--grid", "seed=0"]
+           "--grid", "divergence=fkl,rkl", "--grid", "tau=1.0", "--grid", "seed=0", "--baseline-grid", "seed=0"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     prep = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "demo-prep").glob("*/metrics.json")}
     assert sorted(n.rsplit("-", 1)[0] for n in prep) == ["sft-toy-2x64-s0", "sft-toy-4x64-s0"]  # teacher vs student
     cells = [json.loads(p.read_text()) for p in (tmp_path / "demo").glob("*/metrics.json")]
-    assert {(m["cell"]["divergence"], m["name"]) for m in cells} == {("fkl", "fkl-tau1-toy-2x64-s0"),
-                                                                       ("rkl", "rkl-tau1-toy-2x64-s0")}
+    assert {(m["cell"]["divergence"], m["name"]) for m in cells} == {
+        ("fkl", "fkl-tau1-toy-2x64-s0"), ("rkl", "rkl-tau1-toy-2x64-s0"), ("sft", "sft-toy-2x64-s0")}  # + baseline
     teacher_dir = next(d for d in prep if d.startswith("sft-toy-4x64"))
-    assert all(m["status"] == "completed" and m["cell"]["teacher"] == str(tmp_path / "demo-prep" / teacher_dir / "student")
-               for m in cells)  # the grid found the teacher stage's export by itself
-    assert "| fkl |" in (tmp_path / "demo" / "report.md").read_text()
+    assert all(m["status"] == "completed" for m in cells)
+    assert all(m["cell"]["teacher"] == str(tmp_path / "demo-prep" / teacher_dir / "student")
+               for m in cells if m["cell"]["divergence"] != "sft")  # the grid found the teacher stage's export
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "| fkl |" in report and "| sft |" in report
 
     logs = sorted(tmp_path.glob("*/*/train_log.jsonl"))
     before = {p: p.stat().st_mtime_ns for p in logs}
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in logs} == before  # nothing trained again
-    for stage in ("teacher", "student", "distill"):
+    for stage in ("teacher", "student", "distill", "baseline"):
         assert f"== {stage}: every cell already completed, skipped" in second.stdout
     assert "$ distill-train" not in second.stdout  # no stage was even launched
 

@@ -284,6 +284,31 @@ def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
     assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md
 
 
+def test_rollouts_get_their_own_rows_and_old_cells_count_as_offline(tmp_path):
+    def write(name, div, rollout, seed, score):
+        d = tmp_path / name
+        d.mkdir()
+        cell = {"divergence": div, "divergence_params": {}, "tau": 1.0, "seed": seed}
+        if rollout is not None:
+            cell["rollout"] = rollout
+        (d / "metrics.json").write_text(json.dumps({"schema_version": 1, "status": "completed", "sweep": "s",
+                                                    "cell": cell, "eval": {"b": {"rougeL_mean": score}}}))
+
+    write("fkl-old-00000001", "fkl", None, 0, 30.0)          # written before rollouts existed
+    write("fkl-new-00000002", "fkl", "offline", 1, 32.0)
+    write("rkl-new-00000003", "rkl", "offline", 0, 35.0)
+    write("jsd-onp-00000004", "jsd", "on_policy λ=0.5", 0, 40.0)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert rows[("b", "fkl (rollout=offline)", 1.0)]["n"] == "2"  # the old cell joined the new one
+    assert rows[("b", "jsd (rollout=on_policy λ=0.5)", 1.0)]["best"] == "1"
+    assert float(rows[("b", "fkl-rkl (rollout=offline)", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
+    cell = report.record_from_wandb("r", "finished", {"divergence.name": "jsd", "tau": 1, "seed": 0,
+                                                      "rollout.name": "on_policy", "rollout.lmbda": 0.5},
+                                    {"eval.b.rougeL_mean": 40.0})
+    assert cell.label_source["rollout"] == "on_policy λ=0.5"
+
+
 # ----------------------------------------------------------------------------- statistics (issue 19)
 
 BASE = np.array([30.0, 31.0, 29.0, 30.5, 29.5])   # per training seed: the SFT baseline's scores
@@ -390,3 +415,27 @@ def test_plot_caption_says_what_the_error_bars_are(tmp_path):
     summary = report.summarize(report.scan_sweep(tmp_path))
     caption = report.plot_caption(summary, "stat")
     assert "± 1 sample std over training seeds (not a CI)" in caption and "n = 5" in caption
+
+
+def test_budget_splits_rows_and_an_older_cell_without_it_does_not(tmp_path):
+    def write(name, div, seed, score, **extra):
+        d = tmp_path / name
+        d.mkdir()
+        cell = {"divergence": div, "tau": 1.0, "seed": seed, "kd_ratio": 0.0 if div == "sft" else 1.0, **extra}
+        m = {"schema_version": 1, "status": "completed", "cell": cell, "eval": {"b": {"rougeL_mean": score}}}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    write("fkl-tau1-s0-00000001", "fkl", 0, 30.0)                       # written before max_steps was recorded
+    write("fkl-tau1-s1-00000002", "fkl", 1, 32.0, max_steps=150)
+    write("sft-s0-00000003", "sft", 0, 20.0, max_steps=150)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert rows[("b", "fkl", 1.0)]["n"] == "2"
+    write("fkl-tau1-s0-00000004", "fkl", 0, 40.0, max_steps=450)
+    write("sft-s0-00000005", "sft", 0, 25.0, max_steps=450)
+    report.build_report(tmp_path)
+    rows = read_csv(tmp_path / "report.csv")
+    assert float(rows[("b", "fkl (max_steps=450)", 1.0)]["rougeL_mean"]) == 40.0
+    assert rows[("b", "fkl (max_steps=150)", 1.0)]["n"] == "1"
+    # each budget is compared with the SFT baseline of the same budget
+    assert float(rows[("b", "fkl (max_steps=450) - sft (max_steps=450)", 1.0)]["rougeL_mean"]) == 15.0

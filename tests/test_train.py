@@ -56,6 +56,7 @@ def test_smoke_cell_end_to_end(smoke_cfg):
     d = runs.run_dir(cfg)
     assert m["status"] == "completed" and runs.read_metrics(d) == json.loads(json.dumps(m))
     assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0 and m["signature"] == runs.signature(cfg)
+    assert m["cell"]["max_steps"] == 6   # the budget is part of what a report compares
     assert m["train"]["steps"] == 6 and m["train"]["tokens"] > 0 and m["train"]["tokens_per_s"] > 0
     assert set(m["eval"]) == set(cfg.data.benchmarks)
     for result in m["eval"].values():
