@@ -617,6 +617,8 @@ def finish(cell: Cell) -> dict[str, Any]:
                       rollout=cell.rollout.summary(),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
+    if cell.device.type == "cuda":
+        m["train"]["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(cell.device) / 2**30, 3)
     student_dir = cell.run_dir / "student"
     selected = p.best["step"] if p.best else sched.max_steps
     if selected == sched.max_steps:
@@ -642,12 +644,15 @@ def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
     """Generation + ROUGE-L on the exported (plain HF) model; metrics.json, W&B, drop the optimizer state."""
     cfg, m, max_steps = cell.cfg, cell.metrics, cell.schedule.max_steps
     model = models.load_model(student_dir, torch.float32).to(cell.device)
+    t0 = time.time()
     m["eval"] = evaluate.evaluate_benchmarks(
         model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         template=cfg.data.template, max_length=int(cfg.data.max_length),
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
         truncation_side=cfg.data.get("truncation_side", "left"),
     )
+    generated = sum(r["n"] * len(r["seeds"]) for r in m["eval"].values())
+    m["eval_examples_per_s"] = round(generated / max(time.time() - t0, 1e-9), 2)  # batched generation throughput
     m.update(status="completed", updated_at=runs.now_iso())
     cell.tracker.log({f"valid/{k}": v for k, v in m["valid"].items()}, step=max_steps)
     cell.tracker.log({f"eval/{b}/rougeL": r["rougeL_mean"] for b, r in m["eval"].items()}, step=max_steps)
