@@ -129,7 +129,8 @@ def naive_loss(name: str, s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, 
 # one measurement, in its own process
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
+    """A /proc/self/status value in KiB (VmRSS, VmHWM); bench_peers.py uses it too."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -137,7 +138,7 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -281,14 +282,14 @@ def measure(section: str, variant: str, name: str, args) -> dict:
         _make_step(section, variant, name, tiny, params)[0]()
         step, leaves, to_ours = _make_step(section, variant, name, args, params)
     gc.collect()
-    exact = _reset_peak()
-    base_kib = _status_kib("VmRSS")
+    exact = reset_peak()
+    base_kib = status_kib("VmRSS")
     times, value = [], math.nan
     for _ in range(args.repeats):
         start = time.perf_counter()
         value = step()
         times.append(time.perf_counter() - start)
-    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     ours, grad_scale = to_ours(value)
     grad_dot, grad_norm = _grad_fingerprint(leaves, grad_scale)
     if warm_full:

@@ -65,20 +65,13 @@ from pathlib import Path
 from typing import Any
 
 import peers
+from bench_losses import reset_peak, status_kib
 
 QUICK_OVERRIDES = ["experiment=smoke", "trainer.micro_batch_size=8", "eval.max_examples=4", "eval.max_new_tokens=8"]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # memory and clocks
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 class Window:
@@ -90,18 +83,14 @@ class Window:
         self._base = 0
 
     def start(self) -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-        except OSError:
-            pass  # not writable here: the peak then reads as the process-wide one (noted in the header)
-        self._base = _status_kib("VmRSS")
+        reset_peak()  # VmHWM back to the current RSS (where /proc/self/clear_refs is not writable: process-wide)
+        self._base = status_kib("VmRSS")
         self._t, self._c = time.perf_counter(), time.process_time()
 
     def stop(self) -> None:
         self.wall += time.perf_counter() - self._t
         self.cpu += time.process_time() - self._c
-        self.peak_mib = max(self.peak_mib, (_status_kib("VmHWM") - self._base) / 1024)
+        self.peak_mib = max(self.peak_mib, (status_kib("VmHWM") - self._base) / 1024)
 
 
 # ----------------------------------------------------------------------------------------------------------

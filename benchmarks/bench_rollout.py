@@ -47,7 +47,7 @@ def _clocks() -> tuple[float, float]:
 
 
 def _compose(overrides: list[str]):
-    from distill.conf import compose
+    from distill.demo import compose
 
     return compose(overrides)
 

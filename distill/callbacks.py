@@ -9,6 +9,9 @@ Enable in the root config:
         preemption:
           _target_: distill.callbacks.PreemptionCallback
 
+The report includes report.html, the offline dashboard. At the end of a multirun whose cells log to W&B,
+the sweep's report is also logged to the sweep's W&B summary run (distill.wandb_report).
+
 Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
 cells is exactly what one wants then. So the report is also rebuilt at the end of every job
 (`on_job_end`, rank 0 only); with a submitit launcher that runs inside each array task, and a
@@ -19,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Pa
 
 
 class ReportCallback(Callback):
-    """Write report.md/.csv/.png into hydra.sweep.dir after each job and at the end of a multirun."""
+    """Write report.md/.csv/.png/.html into hydra.sweep.dir after each job and at the end of a multirun."""
 
     def __init__(self, after_each_job: bool = True) -> None:
         self.after_each_job = after_each_job
@@ -75,36 +76,56 @@ class ReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         md = refresh_report(config.hydra.sweep.dir)
         if md is not None:
-            log.info("Sweep report: %s", md)
+            log.info("Sweep report: %s (dashboard: report.html)", md)
+            log_summary_run(config)
+
+
+def log_summary_run(config: DictConfig) -> None:
+    """Log the sweep's report to its W&B summary run, when the cells log to W&B; log (never raise) on failure.
+
+    Only at the end of a multirun: one summary-run attempt per sweep run, not one per cell. When a cell
+    failed, Hydra skips this; `distill-dashboard wandb SWEEP_DIR --project P` logs it then.
+    """
+    logger = config.get("logger") or {}
+    mode = str(logger.get("mode") or "offline")
+    if logger.get("name") != "wandb" or mode == "disabled":
+        return
+    from distill.report import scan_sweep, summarize
+    from distill.wandb_report import log_summary_run as log_run
+
+    root = Path(config.hydra.sweep.dir)
+    try:
+        log_run(root, summarize(scan_sweep(root)), str(config.sweep_name), str(logger.get("project") or "distill"),
+                logger.get("entity"), mode)
+    except Exception as e:  # the sweep's results are on disk; its W&B summary must not fail the multirun
+        log.error("W&B summary run of %s failed: %s: %s (rerun: distill-dashboard wandb %s --project %s)",
+                  root, type(e).__name__, e, root, logger.get("project"))
 
 
 class PreemptionCallback(Callback):
-    """Under SLURM, leave at once on SIGTERM (requeue, preemption, scancel), writing no result.
+    """Under SLURM, catch SIGTERM and SIGUSR2 from the very start of each job (distill.preempt).
 
-    SLURM sends SIGTERM to every process of a job it requeues or cancels and SIGKILL KillWait
-    seconds later. submitit ignores SIGTERM, so without this the cell trains on for those
-    seconds: it may even finish and hand submitit a result while SLURM has already put the job
-    back in the queue, or it dies half-way because the W&B service process got the signal too.
-    Exiting with SystemExit instead is what submitit itself does after a USR2 requeue: no result
-    file, so the launcher waits for the requeued attempt, which resumes from the cell's last
-    periodic checkpoint. Checkpoints and metrics.json are written atomically, so an exit in the
-    middle of either loses nothing that was complete.
+    SLURM signals every task of a job it preempts, requeues, cancels or brings near its time limit, and
+    SIGKILLs it `KillWait` seconds later; submitit ignores SIGTERM. From job start until the cell's
+    training loop, a signal stops the job at once (nothing is worth saving yet) and requeues it if
+    SLURM will not; inside the loop, `distill.train` stops at the next step boundary with a checkpoint.
+    Either way the job leaves with SystemExit: submitit writes no result and the launcher waits for the
+    requeued attempt, which resumes from the cell's checkpoint.
     """
 
     def __init__(self) -> None:
-        self._previous: Any = None
+        self._installed = False
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if "SLURM_JOB_ID" in os.environ:
-            self._previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        from distill import preempt
+
+        if "SLURM_JOB_ID" in os.environ and not self._installed:
+            preempt.STATE.install()
+            self._installed = True
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if self._previous is not None:  # in-process multirun: the next job starts clean
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        from distill import preempt
 
-
-def _exit_on_sigterm(signum: int, frame: Any) -> None:
-    print(f"distill: SIGTERM in SLURM job {os.environ.get('SLURM_JOB_ID')}: exiting now; a requeued "
-          "attempt resumes from the last checkpoint", file=sys.stderr, flush=True)
-    sys.exit(128 + signum)
+        if self._installed:  # in-process multirun: the next job starts clean
+            preempt.STATE.uninstall()
+            self._installed = False

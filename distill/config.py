@@ -16,6 +16,14 @@ class ConfigError(ValueError):
     """A composed config that cannot run; the message lists every problem, one per line."""
 
 
+class InputError(ConfigError):
+    """Something the config points at cannot be used (a data file, a model dir, a checkpoint, the output dir).
+
+    Like a config error it is the user's to fix: the job says what was wrong and what would be right in one
+    line and exits with status 2 (the traceback goes to the cell's log).
+    """
+
+
 _STAGES = (0, 1, 2, 3)
 _PRECISIONS = ("fp32", "bf16", "fp16")
 _IMPLS = ("plain", "chunked", "fused")
@@ -84,6 +92,29 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     out.extend(_rollout_problems(cfg))
     if not cfg.eval.seeds:
         out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    out.extend(_reliability_problems(cfg))
+    return out
+
+
+def _reliability_problems(cfg: DictConfig) -> list[str]:
+    """Secrets in the config, and the input-change and cell-lock settings."""
+    from omegaconf import OmegaConf
+
+    from distill.runs import secret_keys
+
+    out = [f"{key}: looks like a secret: pass secrets in the environment (HF_TOKEN, WANDB_API_KEY, ...), never in "
+           "a config: configs are written to disk and to W&B"
+           for key in secret_keys(OmegaConf.to_container(cfg, resolve=False))]
+    on_change = (cfg.get("inputs") or {}).get("on_change", "rerun")
+    if on_change not in ("rerun", "error"):
+        out.append(f"inputs.on_change={on_change!r}: must be one of ['rerun', 'error']")
+    lock = cfg.get("cell_lock") or {}
+    hb, stale, wait = lock.get("heartbeat_s", 30), lock.get("stale_after_s", 300), lock.get("wait_s")
+    if not (isinstance(hb, (int, float)) and isinstance(stale, (int, float)) and 0 < hb < stale):
+        out.append(f"cell_lock.heartbeat_s={hb!r}, stale_after_s={stale!r}: need 0 < heartbeat_s < stale_after_s "
+                   "(minutes for stale_after_s on a shared filesystem)")
+    if wait is not None and (not isinstance(wait, (int, float)) or wait < 0):
+        out.append(f"cell_lock.wait_s={wait!r}: must be null (wait while the holder lives) or a number >= 0")
     return out
 
 

@@ -251,9 +251,19 @@ def _records_from_rows(rows: Iterable[tuple[str, Mapping]], fmt: str, counts: Co
     return records
 
 
+def _decode(raw: bytes, where: str) -> str:
+    """UTF-8 text of `raw`, or a ValueError naming the place and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}): "
+                         "re-encode the file as UTF-8") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
+        for i, raw in enumerate(f, start=1):
+            line = _decode(raw, f"{path}:{i}")
             if not line.strip():
                 continue
             try:
@@ -263,8 +273,15 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _json_rows(path: Path) -> list[tuple[str, Any]]:
+    raw = path.read_bytes()
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        _decode(raw.splitlines()[line - 1], f"{path}:{line}")
+        raise  # pragma: no cover (the line itself fails to decode)
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if isinstance(obj, list):

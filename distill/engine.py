@@ -10,6 +10,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 from collections.abc import Sequence
@@ -19,11 +20,16 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from distill.config import BatchPlan, batch_plan
+from distill.config import BatchPlan, InputError, batch_plan
 
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
+CKPT_TAG = re.compile(r"^step\d{8}$")  # the tags save_checkpoint writes; `latest` must name one
+
+
+class CheckpointError(InputError):
+    """A checkpoint that must not be (or cannot be) loaded: planted objects, corrupt files, a bad `latest`."""
 
 
 def _free_port() -> int:
@@ -149,12 +155,51 @@ def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: i
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=deepspeed_config(trainer, plan),
     )
+    # DeepSpeed's own loader unpickles with weights_only=False: a file planted in a cell dir would run
+    # code on resume. Every load of this engine (module, optimizer, ZeRO shards) goes through ours.
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
     return engine
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     """The tag dir of the checkpoint after `step` steps (other state, e.g. a rollout's, may be saved in it)."""
     return Path(run_dir) / CKPT_DIR / f"step{step:08d}"
+
+
+def _allowed_globals() -> list:
+    """The only non-tensor objects DeepSpeed pickles into its checkpoints (measured at ZeRO 0-3, fp32/bf16).
+
+    Torch's weights-only unpickler rebuilds these plain records and this enum without running code;
+    anything else in a checkpoint file is refused.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = None, mmap: bool = False) -> Any:
+    """`torch.load` with weights_only=True and the DeepSpeed allowlist; CheckpointError on any refusal."""
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except Exception as exc:  # UnpicklingError for planted objects; RuntimeError/EOFError for corrupt files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: refused by the weights-only loader ({first})") from exc
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a weights-only `load`; saving and the rest are delegated."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location=map_location)
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> None:
@@ -169,12 +214,53 @@ def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: 
     dist.barrier()
 
 
+def check_checkpoint(ckpt_dir: Path) -> str:
+    """The tag `ckpt_dir/latest` names, after checking that every file of it loads weights-only.
+
+    Raises CheckpointError (one line: which file, why, what to do) for a `latest` that names no
+    checkpoint of ours, or for any file the weights-only loader refuses. Loads with mmap: cheap.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    fix = f"delete {ckpt_dir} (or rerun with force=true) to start this cell over"
+    tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
+    if not CKPT_TAG.match(tag) or not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{ckpt_dir / 'latest'} names {tag[:40]!r}, not a checkpoint written here "
+                              f"(step<8 digits> with its dir): {fix}")
+    # DeepSpeed's files (*.pt) are pickles; other state saved in the tag dir (a rollout's) is safetensors.
+    files = sorted(p for p in (ckpt_dir / tag).iterdir() if p.is_file() and p.suffix == ".pt")
+    if not files:
+        raise CheckpointError(f"{ckpt_dir / tag} is empty: {fix}")
+    for f in files:
+        try:
+            safe_load(f, map_location="cpu", mmap=True)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; nothing was loaded: if you did not put it there, someone else did. "
+                                  f"Inspect it, then {fix}") from None
+    return tag
+
+
 def load_latest_checkpoint(engine, run_dir: Path) -> dict | None:
-    """Resume from `<run_dir>/checkpoints/latest` if present; return its client state (step, ...)."""
+    """Resume from `<run_dir>/checkpoints/latest` if present; return its client state (step, ...).
+
+    Rank 0 checks every file of the checkpoint with the weights-only loader first and all ranks follow
+    its verdict, so a planted or corrupt file stops every rank with the same one-line CheckpointError
+    before anything is loaded. The load itself is weights-only too (WeightsOnlyCheckpointEngine).
+    """
     ckpt_dir = Path(run_dir) / CKPT_DIR
     if not (ckpt_dir / "latest").exists():
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    verdict: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            verdict = [("ok", check_checkpoint(ckpt_dir))]
+        except CheckpointError as exc:
+            verdict = [("error", str(exc))]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    kind, value = verdict[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=value)
     if path is None:
         return None
     log.info("resumed from %s", path)

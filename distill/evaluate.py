@@ -193,7 +193,8 @@ def generate(
     """Generate one response per prompt with HF `model.generate`, in batches, and return the decoded
     new tokens only (special tokens skipped, whitespace stripped), in prompt order.
 
-    Prompts are left-padded (`distill.data.encode_prompts_left`, truncated to `max_prompt_length`).
+    Prompts are left-padded (`distill.data.encode_prompts_left`, truncated to `max_prompt_length` on
+    `truncation_side`, as in training).
     Each batch may add `max_new_tokens` tokens, or, when None, `max_length - padded prompt length`
     (at least 1); generation stops at the tokenizer's EOS. `temperature` is the SAMPLING temperature
     (not the distillation tau); `do_sample=False` means greedy decoding, and the sampling knobs are
@@ -313,10 +314,28 @@ def evaluate_benchmarks(
         if out_dir is not None:
             if cfg["write_generations"]:
                 jsonl = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-                atomic_write_text(out_dir / f"{name}.generations.jsonl", jsonl)
+                atomic_write_text(out_dir / f"{name}{GENERATIONS_SUFFIX}", jsonl)
             atomic_write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
         results[name] = summary
     return results
+
+
+GENERATIONS_SUFFIX = ".generations.jsonl"
+
+
+def read_generations(out_dir: str | Path, benchmark: str) -> list[dict]:
+    """The lines `evaluate_benchmarks` wrote for a benchmark (seed, prompt, output, references, rougeL);
+    [] if there is no file. A line that does not parse (a file cut by a kill) is skipped."""
+    path = Path(out_dir) / f"{benchmark}{GENERATIONS_SUFFIX}"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -110,11 +110,15 @@ def _akl(lp, lq, support, mu):
     """Adaptive KL: weigh FKL by the head gap and RKL by the tail gap (weights carry no gradient)."""
     with torch.no_grad():
         p, q = _in_support(lp.exp(), support), _in_support(lq.exp(), support)
-        p_sorted, order = p.sort(dim=-1, descending=True)
+        # The head is the shortest prefix of the sorted teacher probs whose mass reaches mu (always
+        # holding the top token), widened to every token tied with its last one: membership then
+        # depends on values only, not on how the sort orders ties (bf16 logits tie often), so the
+        # loss is invariant to permutations of the vocabulary.
+        p_sorted = p.sort(dim=-1, descending=True).values
         mass_before = p_sorted.cumsum(-1) - p_sorted
-        head_sorted = mass_before < mu  # shortest prefix whose cumulative mass reaches mu...
-        head_sorted[..., 0] = True  # ...always holding the top token
-        head = torch.zeros_like(head_sorted).scatter(-1, order, head_sorted)
+        n_head = (mass_before < mu).sum(-1, keepdim=True).clamp_min(1)
+        boundary = p_sorted.gather(-1, n_head - 1)
+        head = p >= boundary
         gap = (p - q).abs()
         g_head = torch.where(head, gap, 0.0).sum(-1)
         g_tail = torch.where(head, 0.0, gap).sum(-1)

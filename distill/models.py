@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.config import InputError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,13 @@ def build_model(
     path = spec.get("path")
     trust = bool(model_cfg.get("trust_remote_code", False))
     if path:
-        model = load_model(path, dtype, trust)
+        try:
+            model = load_model(path, dtype, trust)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            # A truncated/corrupt weights file, a dir without weights, a wrong architecture: the user's to fix.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"model.{role}.path={path}: cannot load this model ({type(exc).__name__}: {first}): "
+                             "re-export or re-download it, or point at another model dir") from exc
     elif model_cfg.get("kind") == "toy":
         torch.manual_seed(seed)
         from transformers import AutoModelForCausalLM as _Auto
@@ -104,24 +113,52 @@ def build_model(
     return model
 
 
-def check_vocab(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Teacher/student must share the tokenizer; the teacher may have extra (padded) rows, never fewer.
+def vocab_problem(v_student: int, v_teacher: int | None, n_tokenizer: int) -> str | None:
+    """Why a pair's vocabularies cannot work together, or None. The teacher may have extra (padded) rows,
+    never fewer: the loss drops a teacher's extra columns (distill.losses.align_vocab), a student wider than
+    its teacher would leave student tokens without a target, and a tokenizer larger than the student would
+    index past its embeddings."""
+    if v_teacher is not None and v_teacher < v_student:
+        return (f"teacher vocab ({v_teacher}) is smaller than student vocab ({v_student}): the pair must share a "
+                "tokenizer, and only the teacher may carry extra padded rows")
+    if n_tokenizer > v_student:
+        return f"tokenizer has {n_tokenizer} tokens but the student's vocab is {v_student}: use the pair's own tokenizer"
+    return None
 
-    The loss drops a teacher's extra columns (distill.losses.align_vocab); a student wider than its
-    teacher would leave student tokens without a target, and a tokenizer larger than either model
-    would index past the embeddings.
-    """
+
+def check_vocab(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Teacher/student must share the tokenizer; the teacher may have extra (padded) rows, never fewer."""
     v_s = student.get_output_embeddings().weight.shape[0]
     v_t = teacher.get_output_embeddings().weight.shape[0]
-    if v_t < v_s:
-        raise ValueError(
-            f"teacher vocab ({v_t}) is smaller than student vocab ({v_s}): the pair must share a tokenizer, "
-            "and only the teacher may carry extra padded rows"
-        )
-    if len(tokenizer) > v_s:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the student's vocab is {v_s}")
+    problem = vocab_problem(v_s, v_t, len(tokenizer))
+    if problem:
+        raise ValueError(problem)
     if v_t > v_s:
         log.info("teacher vocab %d > student vocab %d: extra teacher columns are dropped in the loss", v_t, v_s)
+
+
+def check_vocab_configs(model_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, distill: bool) -> None:
+    """`check_vocab` from the models' config.json files alone, before any weights are loaded.
+
+    Toy models built from sizes take the tokenizer's vocabulary and cannot mismatch; a model loaded from a
+    path reports its vocab_size in its config. Raises ValueError with the problem.
+    """
+    from transformers import AutoConfig
+
+    def vocab(role: str) -> int | None:
+        path = model_cfg[role].get("path")
+        if not path:
+            return len(tokenizer) if model_cfg.get("kind") == "toy" else None
+        conf = AutoConfig.from_pretrained(str(path), trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+        size = getattr(conf, "vocab_size", None) or getattr(getattr(conf, "text_config", None), "vocab_size", None)
+        return int(size) if size else None
+
+    v_s = vocab("student")
+    v_t = vocab("teacher") if distill else None
+    if v_s is not None:
+        problem = vocab_problem(v_s, v_t, len(tokenizer))
+        if problem:
+            raise ValueError(problem)
 
 
 def count_params(model: torch.nn.Module) -> int:

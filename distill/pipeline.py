@@ -63,12 +63,12 @@ class StagePlan:
     name: str
     overrides: list[str]
     cells: list[list[str]] = field(default_factory=list)   # extra overrides per cell ([[]] for an SFT stage)
-    run_dirs: list[Path] = field(default_factory=list)
+    run_dirs: list[Path | None] = field(default_factory=list)  # None: not known yet (an input does not exist yet)
     sweep_dir: Path | None = None
 
     @property
     def done(self) -> list[bool]:
-        return [runs.is_completed(d) for d in self.run_dirs]
+        return [d is not None and runs.is_completed(d) for d in self.run_dirs]
 
     @property
     def finished(self) -> bool:
@@ -77,6 +77,8 @@ class StagePlan:
     @property
     def export(self) -> Path:
         """The stage's trained model (SFT stages): `<run_dir>/student`."""
+        if self.run_dirs[0] is None:
+            raise ValueError(f"stage {self.name}: its run dir is not known before its inputs exist")
         return self.run_dirs[0] / "student"
 
 
@@ -126,6 +128,17 @@ def cell_configs(overrides: list[str], cells: list[list[str]]) -> list:
     return out
 
 
+def locate(cfg) -> Path | None:
+    """The run dir `distill-train` will give `cfg` (its signature includes its input files' fingerprints,
+    distill.inputs), or None while an input does not exist yet (a previous stage's export, the data)."""
+    from distill import inputs
+
+    try:
+        return inputs.locate(cfg)[0]
+    except Exception:  # noqa: BLE001 (any unreadable input: the stage is simply not known to be done)
+        return None
+
+
 def plan(recipe: str, root: Path, overrides: list[str] = (), grid: list[str] = (),
          baseline_grid: list[str] = ()) -> dict[str, StagePlan]:
     """Every stage of `recipe` under `root`: overrides, cells, run dirs. Pure bookkeeping: runs nothing."""
@@ -137,18 +150,20 @@ def plan(recipe: str, root: Path, overrides: list[str] = (), grid: list[str] = (
     for name in SFT_STAGES:
         o = [f"recipe={recipe}/{name}", *common]
         cfg = compose(o)
-        stages[name] = StagePlan(name, o, [[]], [runs.run_dir(cfg)], Path(cfg.paths.sweep_dir))
+        stages[name] = StagePlan(name, o, [[]], [locate(cfg)], Path(cfg.paths.sweep_dir))
+    if any(stages[s].run_dirs[0] is None for s in SFT_STAGES):
+        return stages  # the grid needs the SFT exports: planned again once those stages ran
     distill = [f"recipe={recipe}/distill", *common, f"model.teacher.path={stages['teacher'].export}",
                f"model.student.path={stages['student'].export}"]
     cells = grid_cells(distill, list(grid))
     configs = cell_configs(distill, cells)
-    stages["distill"] = StagePlan("distill", distill, cells, [runs.run_dir(c) for c in configs],
+    stages["distill"] = StagePlan("distill", distill, cells, [locate(c) for c in configs],
                                   Path(configs[0].paths.sweep_dir))
     if (RECIPE_DIR / recipe / "baseline.yaml").is_file():
         base = [f"recipe={recipe}/baseline", *common, f"model.student.path={stages['student'].export}"]
         cells = grid_cells(base, list(baseline_grid))
         configs = cell_configs(base, cells)
-        stages["baseline"] = StagePlan("baseline", base, cells, [runs.run_dir(c) for c in configs],
+        stages["baseline"] = StagePlan("baseline", base, cells, [locate(c) for c in configs],
                                        Path(configs[0].paths.sweep_dir))
     return stages
 
@@ -210,27 +225,30 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
     log(f"distill-pipeline {recipe}: {root}\n{describe(stages)}")
     todo = commands(stages, launcher=launcher, parallel=parallel, grid=list(grid), hydra_overrides=hydra_overrides,
                     baseline_grid=list(baseline_grid))
-    for stage in stages.values():
-        if stage.finished:
-            log(f"== {stage.name}: every cell already completed, skipped")
+    skipped: set[str] = set()
+
+    def log_skips() -> None:
+        for stage in stages.values():
+            if stage.finished and stage.name not in skipped:
+                skipped.add(stage.name)
+                log(f"== {stage.name}: every cell already completed, skipped")
+
+    log_skips()
     if dry_run:
         for title, cmd in todo:
             log(f"== {title} would run: distill-train {' '.join(cmd[3:])}")
+        if "distill" not in stages:
+            log("== distill: planned once the SFT stages' exports exist")
         return {"stages": stages, "report": None}
-    failure = None
-    for title, cmd in todo:
-        t0 = time.time()
-        log(f"\n== {title}: $ distill-train {' '.join(cmd[3:])}")
-        try:
-            subprocess.run(cmd, check=True)
-        except subprocess.CalledProcessError as exc:
-            failure = exc
-            if title not in ("distill", "baseline"):
-                raise
-        log(f"== {title}: done in {time.time() - t0:.0f} s")
-        for name in title.split("+"):
-            if name in SFT_STAGES:
-                log(f"   {name} ROUGE-L: {scores(stages[name].run_dirs[0])}")
+    _run_stages([t for t in todo if t[0] not in ("distill", "baseline")], stages, log)
+    stages = plan(recipe, root, overrides, grid, baseline_grid)  # the exports exist now: the grid's cells and dirs
+    if "distill" not in stages:
+        raise ValueError("the SFT stages ran, yet their run dirs cannot be located (see their train.log)")
+    log_skips()
+    todo = [t for t in commands(stages, launcher=launcher, parallel=parallel, grid=list(grid),
+                                hydra_overrides=hydra_overrides, baseline_grid=list(baseline_grid))
+            if t[0] in ("distill", "baseline")]
+    failure = _run_stages(todo, stages, log)
     from distill.report import build_report
 
     report = build_report(stages["distill"].sweep_dir)
@@ -238,6 +256,27 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
     if failure is not None:
         raise failure
     return {"stages": stages, "report": report}
+
+
+def _run_stages(todo: list[tuple[str, list[str]]], stages: dict[str, StagePlan],
+                log: Any) -> subprocess.CalledProcessError | None:
+    """Run the commands in order. An SFT stage that fails raises (nothing after it can run); a grid that fails
+    is returned, so that the report (which lists the failed cells) is still written."""
+    failure = None
+    for title, cmd in todo:
+        t0 = time.time()
+        log(f"\n== {title}: $ distill-train {' '.join(cmd[3:])}")
+        try:
+            subprocess.run(cmd, check=True)
+        except subprocess.CalledProcessError as exc:
+            if title not in ("distill", "baseline"):
+                raise
+            failure = exc
+        log(f"== {title}: done in {time.time() - t0:.0f} s")
+        for name in title.split("+"):
+            if name in SFT_STAGES and stages[name].run_dirs[0] is not None:
+                log(f"   {name} ROUGE-L: {scores(stages[name].run_dirs[0])}")
+    return failure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

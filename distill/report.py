@@ -1,4 +1,4 @@
-"""Sweep report: a sweep dir of cells -> report.md, report.csv and report.png.
+"""Sweep report: a sweep dir of cells -> report.md, report.csv, report.png and report.html.
 
 `distill-report SWEEP_DIR` reads every `<cell>/metrics.json` (schema_version 1, written by
 `distill-train`) and writes, atomically, into SWEEP_DIR:
@@ -11,7 +11,10 @@
               its error (nothing is dropped silently).
 - report.csv  the same numbers in long form (one row per benchmark x tau x objective or comparison).
 - report.png  ROUGE-L vs tau (log2 axis), one line per objective with ± 1 std error bars, SFT as
-              a level with a band, one panel per benchmark.
+              a level with a band, the teacher and the SFT warm start as reference levels
+              (`references`), one panel per benchmark.
+- report.html the same as an offline interactive dashboard with per-cell drill-down
+              (distill.dashboard).
 
 Statistics (stated in report.md too; the math lives in distill.stats): a cell's score on a
 benchmark is its `rougeL_mean`, the mean over its *evaluation* seeds. An entry is the mean of
@@ -47,7 +50,8 @@ SCHEMA_VERSION = 1
 FINISHED = "completed"
 # status of a cell as the report sees it: the three metrics.json states plus what the
 # report itself can find wrong with a cell dir.
-PROBLEM_STATUSES = ("running", "failed", "missing", "unreadable", "superseded")
+PROBLEM_STATUSES = ("running", "stale", "interrupted", "failed", "missing", "unreadable", "superseded")
+RECORDED_STATUSES = ("running", "completed", "failed", "interrupted")  # what distill-train writes
 CELL_DIR_RE = re.compile(r"^.+-[0-9a-f]{8}$")  # <name>-<8-hex signature>
 # canonical order (and colour) of the objectives, as in the paper's tables
 DIVERGENCE_ORDER = ("sft", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab")
@@ -56,7 +60,8 @@ SFT = "sft"   # the divergence of a kd_ratio=0 cell: cross-entropy only, no teac
 SFT_MOOT_KEYS = ("kd_ratio", "teacher", "tau_target", "tau_squared")
 # per-cell identifiers inside `cell` that say nothing about the objective (never grouped on)
 IDENTITY_KEYS = ("signature", "name")
-REPORT_FILES = ("report.md", "report.csv", "report.png")
+REPORT_FILES = ("report.md", "report.csv", "report.png", "report.html")
+SUMMARY_JOB_TYPE = "sweep-report"   # W&B job_type of the per-sweep summary run (distill.wandb_report)
 
 
 # ----------------------------------------------------------------------------- records
@@ -88,8 +93,8 @@ def parse_metrics(text: str, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: expected a JSON object, got {type(m).__name__}")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{source}: schema_version {m.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    if m.get("status") not in ("running", "completed", "failed"):
-        raise ValueError(f"{source}: status {m.get('status')!r}, expected running|completed|failed")
+    if m.get("status") not in RECORDED_STATUSES:
+        raise ValueError(f"{source}: status {m.get('status')!r}, expected {'|'.join(RECORDED_STATUSES)}")
     cell = m.get("cell")
     if not isinstance(cell, dict) or not {"divergence", "tau", "seed"} <= cell.keys():
         raise ValueError(f"{source}: 'cell' must hold at least divergence, tau and seed")
@@ -102,8 +107,11 @@ def scan_sweep(sweep_dir: str | os.PathLike) -> list[Cell]:
     """Find the cells of a sweep dir: subdirs named `<name>-<8hex>` or holding a metrics.json.
 
     Hidden dirs (.hydra-jobs, .submitit) are not cells. A cell dir without metrics.json is
-    'missing'; one whose metrics.json cannot be parsed is 'unreadable'.
+    'missing'; one whose metrics.json cannot be parsed is 'unreadable'; a 'running' one whose cell
+    lock has no live holder (a SIGKILLed job, a dead node: distill.locks) is 'stale'.
     """
+    from distill.locks import liveness
+
     root = Path(sweep_dir)
     cells = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -117,7 +125,8 @@ def scan_sweep(sweep_dir: str | os.PathLike) -> list[Cell]:
         except (ValueError, OSError) as e:
             cells.append(Cell(d.name, "unreadable", error=str(e)))
             continue
-        cells.append(Cell(d.name, m["status"], m, m.get("error")))
+        dead = liveness(d) if m["status"] == "running" else None
+        cells.append(Cell(d.name, "stale", m, f"not running: {dead}") if dead else Cell(d.name, m["status"], m, m.get("error")))
     return dedupe(cells)
 
 
@@ -143,6 +152,55 @@ def dedupe(cells: list[Cell]) -> list[Cell]:
             key = json.dumps(c.label_source, sort_keys=True)
             c = Cell(c.dir, "superseded", c.metrics, f"same cell as {latest[key].dir}, which is newer")
         out.append(c)
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model the sweep's students are compared with: its own cell's scores per benchmark."""
+
+    label: str                  # "teacher" or "SFT baseline" (+ the cell dir when there are several)
+    cell_dir: str               # the reference's own run dir
+    scores: dict[str, float]    # benchmark -> rougeL_mean
+
+
+def _model_run_dir(model_path: str, root: Path) -> Path | None:
+    """The run dir that exported `model_path` (`<run_dir>/student`), if it is one of ours."""
+    p = Path(model_path)
+    for cand in ([p] if p.is_absolute() else [Path.cwd() / p, root.parent / p]):
+        if cand.name == "student" and (cand.parent / "metrics.json").is_file():
+            return cand.parent
+    return None
+
+
+def references(cells: Iterable[Cell], root: str | os.PathLike) -> list[Reference]:
+    """The teacher and the SFT warm start of the sweep's completed cells, read from their own cells.
+
+    `cell.teacher` / `cell.student` are model paths; when a path is a `<run_dir>/student` exported
+    by `distill-train` (absolute, or relative to the working dir or to the sweep's output root) and
+    that run completed, its scores become a reference line. Hub models and random inits have none.
+    """
+    found: dict[tuple[str, Path], dict[str, float]] = {}
+    for c in cells:
+        if c.status != FINISHED:
+            continue
+        for role in ("teacher", "student"):
+            path = (c.metrics or {}).get("cell", {}).get(role)
+            run_dir = _model_run_dir(str(path), Path(root)) if path else None
+            if run_dir is None or (role, run_dir) in found:
+                continue
+            try:
+                m = parse_metrics((run_dir / "metrics.json").read_text(), str(run_dir / "metrics.json"))
+            except (ValueError, OSError):
+                continue
+            if m["status"] == FINISHED and (role == "teacher" or m["cell"]["divergence"] == "sft"):
+                found[(role, run_dir)] = {b: float(e["rougeL_mean"]) for b, e in m["eval"].items()}
+    out = []
+    for (role, run_dir), scores in sorted(found.items(), key=lambda kv: (kv[0][0] != "teacher", str(kv[0][1]))):
+        label = "teacher" if role == "teacher" else "SFT baseline"
+        if sum(r == role for r, _ in found) > 1:
+            label += f" ({run_dir.name})"
+        out.append(Reference(label, str(run_dir), scores))
     return out
 
 
@@ -566,6 +624,7 @@ def render_markdown(summary: Summary, sweep: str) -> str:
         lines += [describe_variance(summary, bench), ""]
     if not summary.benchmarks:
         lines += ["No completed cell yet, so there are no scores.", ""]
+    lines += render_attempts(cells)
     lines += render_problems(cells)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -602,14 +661,30 @@ def render_problems(cells: list[Cell]) -> list[str]:
     if not bad:
         return ["## Unfinished cells", "", "None: every cell completed.", ""]
     lines = ["## Unfinished cells", "", "Not in the tables above:", "",
-             "| cell | status | step | updated | error / note |", "|---|---|---|---|---|"]
+             "| cell | status | step | attempts | updated | error / note |", "|---|---|---|---|---|---|"]
     for c in sorted(bad, key=lambda c: (PROBLEM_STATUSES.index(c.status), c.dir)):
-        step = (c.metrics or {}).get("train", {}).get("steps", "")
+        m = c.metrics or {}
+        last = (m.get("attempts") or [{}])[-1]
+        step = m.get("train", {}).get("steps", last.get("end_step", last.get("start_step", "")))
         err = (c.error or "").strip().splitlines()
         note = (err[-1] if err else "").replace("|", "\\|")[:200]   # last line of a traceback says most
-        updated = (c.metrics or {}).get("updated_at", "")
-        lines.append(f"| {c.dir} | {c.status} | {step} | {updated} | {note} |")
+        lines.append(f"| {c.dir} | {c.status} | {step} | {attempts(c) or ''} | {m.get('updated_at', '')} | {note} |")
     return lines + [""]
+
+
+def attempts(cell: Cell) -> int:
+    """How many attempts (first run + resumes after a preemption, a kill or a failure) a cell took; 0 = unknown."""
+    return len((cell.metrics or {}).get("attempts") or [])
+
+
+def render_attempts(cells: list[Cell]) -> list[str]:
+    """One line naming the completed cells that took more than one attempt (the rest took one)."""
+    done = [c for c in cells if c.status == FINISHED and attempts(c)]
+    resumed = sorted((c for c in done if attempts(c) > 1), key=lambda c: c.dir)
+    if not done:
+        return []
+    listed = ", ".join(f"{c.dir} ({attempts(c)})" for c in resumed) or "none"
+    return [f"Attempts: {len(done) - len(resumed)} completed cells took one attempt; more than one: {listed}.", ""]
 
 
 CSV_COLUMNS = ["benchmark", "row", "divergence", "tau", "rougeL_mean", "rougeL_std", "n", "seeds", "best",
@@ -664,9 +739,10 @@ def plot_caption(summary: Summary, sweep: str) -> str:
             "error bars, SFT band: ± 1 sample std over training seeds (not a CI)")
 
 
-def render_png(summary: Summary, sweep: str, path: Path) -> None:
+def render_png(summary: Summary, sweep: str, path: Path, refs: Sequence[Reference] = ()) -> None:
     """ROUGE-L vs tau, one panel per benchmark, one line (± 1 std over training seeds) per objective.
 
+    The teacher (dash-dotted) and the SFT baseline (dotted) of `refs` are levels too.
     An SFT row that fills every tau column is drawn as a dashed level with a ± 1 std band.
     """
     import matplotlib
@@ -703,6 +779,10 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             es = [0.0 if math.isnan(s.std) else s.std for _, s in pts]
             ax.errorbar(xs, ys, yerr=es, label=o.label, color=cmap(ci % 10), marker=markers[i % len(markers)],
                         markersize=5, linewidth=1.8, capsize=3, elinewidth=1.1)
+        for k, ref in enumerate(refs):
+            if bench in ref.scores:
+                ax.axhline(ref.scores[bench], color=("0.15", "0.45", "0.6")[k % 3], linestyle=("-.", ":", ":")[k % 3],
+                           linewidth=1.3, label=ref.label, zorder=1)
         ax.set_xscale("log", base=2)
         if summary.taus:
             ax.set_xticks(summary.taus)
@@ -712,12 +792,15 @@ def render_png(summary: Summary, sweep: str, path: Path) -> None:
             ax.text(0.5, 0.5, "no completed cells", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(bench, fontsize=12)
         ax.set_xlabel("distillation temperature τ (log₂ scale)")
-        ax.set_ylabel("ROUGE-L")
+        ax.set_ylabel("ROUGE-L F1 x 100")
         ax.grid(True, which="major", alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
     for ax in list(axes.flat)[len(benches):]:
         ax.set_visible(False)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}   # label -> handle, over every panel (a reference may miss the first benchmark)
+    for ax in axes.flat:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    labels, handles = list(legend), list(legend.values())
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False,
                    bbox_to_anchor=(0.5, 0.0))
@@ -756,12 +839,17 @@ def write_report(cells: list[Cell], out_dir: str | os.PathLike, sweep: str | Non
         names = {c.metrics.get("sweep") for c in cells if c.metrics and c.metrics.get("sweep")}
         sweep = names.pop() if len(names) == 1 else out.resolve().name
     summary = summarize(cells)
+    refs = references(cells, out)
     paths = {name: out / name for name in REPORT_FILES}
     with _atomic(paths["report.md"]) as f:
         f.write(render_markdown(summary, sweep))
     with _atomic(paths["report.csv"]) as f:
         f.write(render_csv(summary))
-    render_png(summary, sweep, paths["report.png"])
+    render_png(summary, sweep, paths["report.png"], refs)
+    from distill.dashboard import render_html   # plotly only when a report is due
+
+    with _atomic(paths["report.html"]) as f:
+        f.write(render_html(summary, sweep, refs, out))
     return paths
 
 
@@ -782,32 +870,22 @@ _WANDB_STATUS = {"finished": "completed", "running": "running", "crashed": "fail
                  "killed": "failed", "preempted": "running", "pending": "running"}
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"a.b": 1} -> {"a": {"b": 1}} (the job logs its config to W&B with flattened keys)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = out
-        *heads, last = str(key).split(".")
-        for h in heads:
-            node = node.setdefault(h, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[last] = value
-    return out
+def _wandb_eval_keys() -> dict[str, str]:
+    """W&B summary name (distill.tracking) -> metrics.json name, per benchmark."""
+    from distill.tracking import EVAL_NAMES
+
+    return {w: m for m, w in EVAL_NAMES.items()}
 
 
 def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> Cell:
-    """Rebuild a Cell from a W&B run's config and summary.
+    """Rebuild a Cell from a W&B run's config and summary, as `distill.tracking` logs them.
 
-    The job (distill.tracking) logs the resolved Hydra config with flattened keys (tau, seed,
-    divergence.name, divergence.<param>, loss.kd_ratio, ..., model.name, data.name) and a
-    flattened final summary `eval.<benchmark>.rougeL_mean` (+ `_std`, ...) and `valid.<ce|fkl|rkl>`;
-    nested keys and `/` separators are accepted too.
+    Config: the resolved Hydra config, nested (tau, seed, divergence.name and its params,
+    loss.kd_ratio, ..., model.name, data.name). Summary, one slash scheme: the final
+    `eval/<benchmark>/rougeL` (+ `rougeL_std`, `exact_match`) and `valid/<ce|fkl|rkl>`.
     """
     from distill.rollout import label as rollout_label
 
-    config = _unflatten(config)
     div = dict(config.get("divergence") or {})
     loss = config.get("loss") or {}
     kd_ratio = loss.get("kd_ratio", 1.0)
@@ -818,18 +896,18 @@ def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> C
             "rollout": rollout_label(config.get("rollout"))}
     evals: dict[str, dict] = {}
     valid: dict[str, float] = {}
+    names = _wandb_eval_keys()
     for k, v in summary.items():
-        parts = re.split(r"[./]", str(k))
-        if len(parts) == 3 and parts[0] == "eval":
-            evals.setdefault(parts[1], {})[parts[2]] = v
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue   # tables (eval/<b>/generations), images, ...
+        parts = str(k).split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in names:
+            evals.setdefault(parts[1], {})[names[parts[2]]] = v
         elif len(parts) == 2 and parts[0] == "valid":
             valid[parts[1]] = v
-    for e in evals.values():  # the per-step log key is eval/<b>/rougeL; the summary has rougeL_mean
-        if "rougeL_mean" not in e and "rougeL" in e:
-            e["rougeL_mean"] = e["rougeL"]
     status = _WANDB_STATUS.get(state, "failed")
     if status == FINISHED and not evals:
-        return Cell(run_id, "unreadable", None, "finished W&B run without eval.<benchmark>.rougeL_mean in its summary")
+        return Cell(run_id, "unreadable", None, "finished W&B run without eval/<benchmark>/rougeL in its summary")
     if cell["divergence"] is None or cell["tau"] is None or cell["seed"] is None:
         return Cell(run_id, "unreadable", None, "W&B run config lacks divergence.name/tau/seed")
     metrics = {"schema_version": SCHEMA_VERSION, "status": status, "name": run_id, "cell": cell,
@@ -847,7 +925,9 @@ def records_from_wandb(path: str, group: str, api: Any = None) -> list[Cell]:
 
         api = wandb.Api(timeout=30)
     runs = api.runs(path, filters={"group": group})
-    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs]
+    # the sweep's summary run (job_type sweep-report) holds the report, not a cell
+    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs
+             if getattr(r, "job_type", None) != SUMMARY_JOB_TYPE]
     return dedupe(cells)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 METRICS_FILE = "metrics.json"
@@ -42,9 +45,18 @@ NON_RESULT_KEYS = (
     "trainer.keep_ckpts",
     "trainer.dist_timeout_s",
     "trainer.progress",
+    "cell_lock",
+    "inputs.on_change",
 )
 
-_SECRET_KEY = re.compile(r"(api_?key|token|secret|password)", re.IGNORECASE)
+# Key names that hold secrets: judged on the last dotted part, word by word, so that `hf_token`,
+# `logger.api_key`, `apiKey` or `db_password` are secrets while `max_new_tokens`, `tokenizer` or
+# `pad_token` (a tokenizer's special token) are not.
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "credential", "credentials", "apikey"}
+_SECRET_KEY_PREFIXES = {"api", "access", "secret", "private", "auth", "signing"}
+_SPECIAL_TOKENS = {f"{w}_token" for w in ("pad", "eos", "bos", "unk", "sep", "cls", "mask")}
+# Values that are secrets whatever their key is called (Hugging Face user access tokens).
+_SECRET_VALUE = re.compile(r"^hf_[A-Za-z0-9]{30,}$")
 
 
 def _drop(container: dict, dotted: str) -> None:
@@ -67,32 +79,49 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
     assert isinstance(data, dict)
     for key in NON_RESULT_KEYS:
         _drop(data, key)
-    # `tau=1` and `tau=1.0` are the same cell: numbers that are floats by meaning are hashed as floats.
+    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
+    if (data.get("rollout") or {}).get("name", "offline") == "offline":
+        data.pop("rollout", None)
+    return float_fields(data)
+
+
+def float_fields(data: dict) -> dict:
+    """Numbers that are floats by meaning (tau, loss.kd_ratio, divergence params) as floats, in place.
+
+    `tau=1` and `tau=1.0` are the same cell: they hash alike and show alike in W&B.
+    """
     if isinstance(data.get("tau"), (int, float)):
         data["tau"] = float(data["tau"])
-    if isinstance(data.get("loss", {}).get("kd_ratio"), (int, float)):
-        data["loss"]["kd_ratio"] = float(data["loss"]["kd_ratio"])
-    # The default rollout reproduces the cells made before rollouts existed: same signature, same dir.
-    rollout = data.get("rollout") or {}
-    if rollout.get("name", "offline") == "offline":
-        data.pop("rollout", None)
+    loss = data.get("loss")
+    if isinstance(loss, dict) and isinstance(loss.get("kd_ratio"), (int, float)):
+        loss["kd_ratio"] = float(loss["kd_ratio"])
+    rollout = data.get("rollout") if isinstance(data.get("rollout"), dict) else {}
     for key in ("lmbda", "init_threshold", "loss_eps"):
         if isinstance(rollout.get(key), int) and not isinstance(rollout.get(key), bool):
             rollout[key] = float(rollout[key])
+    sampling = rollout.get("sampling") if isinstance(rollout.get("sampling"), dict) else {}
     for key in ("temperature", "top_p"):
-        sampling = rollout.get("sampling") or {}
         if isinstance(sampling.get(key), int) and not isinstance(sampling.get(key), bool):
             sampling[key] = float(sampling[key])
-    div = data.get("divergence", {})
-    for k, v in div.items():
+    div = data.get("divergence")
+    for k, v in (div.items() if isinstance(div, dict) else ()):
         if isinstance(v, int) and not isinstance(v, bool):
             div[k] = float(v)
     return data
 
 
-def signature(cfg: DictConfig | Mapping, length: int = 8) -> str:
-    """Short stable hash of `result_config(cfg)` (sorted-key JSON, sha1)."""
-    blob = json.dumps(result_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+def signature(cfg: DictConfig | Mapping, length: int = 8, inputs: Mapping[str, Any] | None = None) -> str:
+    """Short stable hash of `result_config(cfg)` (sorted-key JSON, sha1), and of the inputs' content.
+
+    `inputs` (distill.inputs.fingerprints) joins the identity by content digest only: the same file
+    moved keeps its identity through the config's path; the same path with new bytes is a new cell.
+    Without `inputs` this is the config's signature alone.
+    """
+    data = result_config(cfg)
+    if inputs:
+        data = {"config": data, "inputs": {k: (v.get("sha256") if isinstance(v, Mapping) else v)
+                                           for k, v in sorted(inputs.items())}}
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:length]
 
 
@@ -140,9 +169,9 @@ def cell_name(cfg: DictConfig) -> str:
     return "-".join(parts)
 
 
-def run_dir(cfg: DictConfig) -> Path:
+def run_dir(cfg: DictConfig, inputs: Mapping[str, Any] | None = None) -> Path:
     """`<sweep_dir>/<cell_name>-<signature>`: the cell's home (checkpoints, metrics, generations)."""
-    return Path(cfg.paths.sweep_dir) / f"{cell_name(cfg)}-{signature(cfg)}"
+    return Path(cfg.paths.sweep_dir) / f"{cell_name(cfg)}-{signature(cfg, inputs=inputs)}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -172,12 +201,23 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_metrics(directory: Path) -> dict | None:
-    """The cell's metrics.json, or None if absent or unreadable."""
+    """The cell's metrics.json, or None if absent or unusable (not UTF-8, not JSON, not an object: warned).
+
+    A garbage metrics.json makes its cell count as unfinished: it is rerun (resuming any checkpoint), never
+    trusted, and never crashes a sweep.
+    """
     path = Path(directory) / METRICS_FILE
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
         return None
+    except (UnicodeDecodeError, ValueError, OSError) as exc:
+        log.warning("%s is unreadable (%s): the cell counts as unfinished", path, str(exc).splitlines()[0][:120])
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s holds a JSON %s, not an object: the cell counts as unfinished", path, type(data).__name__)
+        return None
+    return data
 
 
 def is_completed(directory: Path) -> bool:
@@ -186,29 +226,65 @@ def is_completed(directory: Path) -> bool:
     return bool(metrics) and metrics.get("status") == "completed"
 
 
+def write_metrics(directory: Path, metrics: Mapping[str, Any]) -> bool:
+    """Atomically write the cell's metrics.json, unless that would put an unfinished or failed status over
+    a completed result (a failing twin, an error after completion). Returns whether it was written."""
+    if metrics.get("status") != "completed" and is_completed(directory):
+        log.warning("%s is completed: not replacing it with status %r", Path(directory) / METRICS_FILE,
+                    metrics.get("status"))
+        return False
+    atomic_write_json(Path(directory) / METRICS_FILE, dict(metrics))
+    return True
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def redact(data: Any) -> Any:
-    """Drop every mapping key that looks like a secret (api keys, tokens, passwords), recursively.
+def is_secret_key(key: str) -> bool:
+    """Does a config key (`hf_token`, `logger.api_key`, `+model.hub_token`) name a secret?"""
+    name = str(key).lstrip("+~").rsplit(".", 1)[-1]
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()  # apiKey -> api_key
+    if name in _SPECIAL_TOKENS:
+        return False
+    words = [w for w in re.split(r"[_\-]", name) if w]
+    if not words:
+        return False
+    return words[-1] in _SECRET_WORDS or (len(words) > 1 and words[-1] == "key" and words[-2] in _SECRET_KEY_PREFIXES)
 
-    Configs are logged to files and W&B; a token that slipped into an override must never follow.
+
+def is_secret_value(value: Any) -> bool:
+    """A value that is a secret whatever its key (a Hugging Face access token)."""
+    return isinstance(value, str) and bool(_SECRET_VALUE.match(value.strip()))
+
+
+def secret_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys in `data` that name a secret and hold a value, or hold a secret-looking value."""
+    out: list[str] = []
+    if isinstance(data, Mapping):
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            # An env interpolation (`${oc.env:HF_TOKEN}`) keeps the secret in the environment: fine.
+            from_env = isinstance(v, str) and v.strip().startswith("${oc.env:")
+            if is_secret_key(str(k)) and v not in (None, "", {}, []) and not from_env:
+                out.append(key)
+            else:
+                out += secret_keys(v, f"{key}.")
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            out += secret_keys(v, f"{prefix}{i}.")
+    elif is_secret_value(data):
+        out.append(prefix.rstrip("."))
+    return out
+
+
+def redact(data: Any) -> Any:
+    """Drop every mapping key that names a secret and every secret-looking value, recursively.
+
+    Configs are logged to files and W&B; a token that slipped into a config must never follow.
     """
     if isinstance(data, Mapping):
-        return {k: redact(v) for k, v in data.items() if not _SECRET_KEY.search(str(k))}
+        return {k: redact(v) for k, v in data.items() if not is_secret_key(str(k)) and not is_secret_value(v)}
     if isinstance(data, (list, tuple)):
-        return [redact(v) for v in data]
+        return [redact(v) for v in data if not is_secret_value(v)]
     return data
-
-
-def flatten(data: Mapping, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: flat keys make W&B parallel-coordinates panels usable."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

@@ -6,16 +6,19 @@
 
 `run_cell` reads as the recipe's public pieces, which benchmarks and other loops (on-policy) call too:
 
-    cell = setup(cfg)            # config checks, distributed env, run dir (a finished cell is skipped before),
-                                 # tracker, data, tokenizer, the schedule (global batch split over the ranks,
-                                 # epochs -> steps), teacher (frozen) or its cache, student (DeepSpeed ZeRO)
-                                 # resumed from its latest checkpoint, the rollout and its state
+    prepared = prepare(cfg)      # config checks, distributed env, data, tokenizer, vocab check, input
+                                 # fingerprints -> identity and run dir (a bad input stops here, nothing on disk)
+    (cell lock)                  # one run per cell: a second run waits, then skips the finished cell
+    cell = setup(cfg, prepared)  # run dir, tracker, the schedule (global batch split over the ranks, epochs ->
+                                 # steps), teacher (frozen) or its cache, student (DeepSpeed ZeRO) resumed from its
+                                 # latest checkpoint (weights-only), the rollout and its state
     train_step(cell, step)       # one optimizer step: the rollout's micro-batches, exact accumulation, engine.step
-    after_step(cell, result)     # train log, validate(cell) + checkpoint selection, checkpoint, on their cadence
+    after_step(cell, result)     # train log, validate(cell) + checkpoint selection, checkpoint on their cadence;
+                                 # a SIGTERM/SIGUSR2 stops here: checkpoint, `interrupted`, requeue (distill.preempt)
     finish(cell)                 # final validation, HF export of the selected checkpoint, generation + ROUGE-L,
                                  # metrics.json
 
-Side effects (files, W&B, progress bar) happen on rank 0 only.
+Side effects (files, W&B, progress bar) happen on rank 0 only. The cell's own log is `<cell>/train.log`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,16 +45,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill import data as data_mod
 from distill import engine as eng
-from distill import evaluate, models, runs
+from distill import evaluate, locks, models, preempt, runs
+from distill import inputs as inputs_mod
 from distill import rollout as rollout_mod
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
-from distill.config import ConfigError, Schedule
+from distill.config import ConfigError, InputError, Schedule
 from distill.config import schedule as resolve_schedule
 from distill.config import validate as check_config
 from distill.teacher_cache import TeacherCache
-from distill.tracking import Tracker
+from distill import tracking
+from distill.tracking import Tracker, truncate_log
 
 log = logging.getLogger("distill.train")
+# The cell's own log (<cell>/train.log): periodic loss lines and tracebacks, kept off the console.
+cell_log = logging.getLogger("distill.cell")
+cell_log.propagate = False
+CELL_LOG_FILE = "train.log"
 # conf/ sits next to the package (editable install): an absolute path works however the app is started.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -181,8 +192,9 @@ class Progress:
     tokens: int = 0            # global response tokens trained on
     tokens_at_start: int = 0   # `tokens` when this attempt started (resume): throughput counts from here
     t_start: float = 0.0       # wall clock when this attempt's training started
-    loss_sum: float = 0.0      # this rank's micro-batch losses since the last train log
-    loss_steps: int = 0        # optimizer steps since the last train log
+    loss_sum: float = 0.0      # this rank's micro-batch losses since the last train log (checkpointed as a
+    loss_steps: int = 0        # global sum, restored on rank 0) and the optimizer steps since that log
+    time_before: float = 0.0   # training seconds of earlier attempts (checkpointed)
     evaluations: list[dict] = field(default_factory=list)  # per evaluation: step, valid metrics, selection value
     best: dict | None = None   # the evaluation selected so far (trainer.select); checkpointed with `evaluations`
     ckpt_best_step: int | None = None  # the best step recorded by the latest checkpoint (its export is kept)
@@ -222,18 +234,139 @@ def init_process(cfg: DictConfig) -> tuple[int, int, torch.device]:
     return rank, world, eng.device_for(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def setup(cfg: DictConfig) -> Cell:
+@dataclass
+class Prepared:
+    """A cell's inputs and identity, found before its dir exists: a bad input stops here with nothing on disk."""
+
+    splits: data_mod.DataSplits
+    tokenizer: Any
+    fingerprints: dict[str, dict[str, Any]]  # role -> {path, size, mtime, sha256} of every input file
+    signature: str          # config + input content: the cell's identity (its dir name)
+    config_signature: str   # config alone: cells that differ only by their inputs' content share it
+    run_dir: Path
+    name: str
+
+
+def _on_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
+    """Run `fn` on rank 0 and hand its result, or its exception, to every rank."""
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as exc:  # every rank raises it, so none waits in a collective for ever
+            box = [("error", exc)]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def prepare(cfg: DictConfig, rank: int | None = None, world: int | None = None) -> Prepared:
+    """Check the config, read the data and tokenizer, check the pair's vocabularies from their configs, and
+    fingerprint every input file (rank 0; cached by stat) into the cell's identity and run dir. Collective."""
+    if rank is None or world is None:
+        rank, world, _ = init_process(cfg)
+    splits, tokenizer = load_data_and_tokenizer(cfg)  # first: a bad data file stops before anything is written
+    fps = _on_rank0(lambda: inputs_mod.fingerprints(cfg, inputs_mod.embedded_dir(cfg)), rank, world)
+    try:
+        models.check_vocab_configs(cfg.model, tokenizer, distill=float(cfg.loss.kd_ratio) > 0)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"model={cfg.model.name}: {str(exc).splitlines()[0]}") from exc
+    prepared = Prepared(splits=splits, tokenizer=tokenizer, fingerprints=fps, signature=runs.signature(cfg, inputs=fps),
+                        config_signature=runs.signature(cfg), run_dir=runs.run_dir(cfg, inputs=fps),
+                        name=runs.cell_name(cfg))
+    if (cfg.get("inputs") or {}).get("on_change", "rerun") == "error":
+        _on_rank0(lambda: _check_inputs_unchanged(prepared), rank, world)
+    return prepared
+
+
+def _check_inputs_unchanged(prepared: Prepared) -> None:
+    """inputs.on_change=error: stop if a cell of the same config ran on other input content."""
+    for other in sorted(prepared.run_dir.parent.glob(f"{prepared.name}-*")):
+        m = runs.read_metrics(other) or {}
+        if other != prepared.run_dir and m.get("config_signature") == prepared.config_signature and m.get("inputs"):
+            changed = inputs_mod.changes(m["inputs"], prepared.fingerprints)
+            if changed:
+                raise InputError(f"inputs changed since {other.name} ran: {'; '.join(changed)}. "
+                                 "Set inputs.on_change=rerun to train this cell on the new inputs")
+
+
+def _make_dir(path: Path, what: str = "the cell dir") -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"cannot write {what} {path} ({exc.strerror or exc}): point paths.root (or DISTILL_OUTPUT) "
+                         "at a writable directory") from exc
+
+
+class CellBusy(InputError):
+    """Another live process runs this cell; this run did nothing."""
+
+
+class LockLost(CellBusy):
+    """This run's cell lock was taken over (it was judged dead): it stops without writing a result."""
+
+
+def lock_cell(cfg: DictConfig, run_dir: Path, rank: int, world: int) -> locks.CellLock | None:
+    """Take the cell's lock (rank 0 holds it; every rank follows): wait `cell_lock.wait_s` for a live holder
+    (null: as long as it lives), take over a dead one, or raise CellBusy naming the holder. Collective."""
+    lcfg = cfg.get("cell_lock") or {}
+    wait_s = lcfg.get("wait_s")
+    lock = locks.CellLock(run_dir, float(lcfg.get("heartbeat_s", 30)), float(lcfg.get("stale_after_s", 300))) \
+        if rank == 0 else None
+    _on_rank0(lambda: _make_dir(run_dir), rank, world)
+    deadline = None if wait_s is None else time.monotonic() + float(wait_s)
+    poll = min(10.0, float(lcfg.get("heartbeat_s", 30)))
+
+    def attempt() -> tuple[locks.Holder, bool] | None:
+        try:
+            holder = lock.try_acquire()
+        except OSError as exc:
+            raise InputError(f"cannot write the cell lock in {run_dir} ({exc.strerror or exc}): point paths.root "
+                             "(or DISTILL_OUTPUT) at a writable directory") from exc
+        return None if holder is None else (holder, deadline is not None and time.monotonic() >= deadline)
+
+    announced = False
+    while True:
+        busy = _on_rank0(attempt, rank, world)
+        if busy is None:
+            if rank == 0 and lock.took_over:
+                log.warning("%s: took the cell over from %s", run_dir.name, lock.took_over)
+            return lock
+        holder, give_up = busy
+        if give_up:
+            raise CellBusy(f"{run_dir} is being run by {holder.describe()}: not started twice (that run finishes "
+                           "the cell; rerun later to skip it, or set cell_lock.wait_s=null to wait for it)")
+        if not announced:
+            log.warning("%s is being run by %s: waiting for it", run_dir.name, holder.describe())
+            announced = True
+        time.sleep(poll if deadline is None else max(0.05, min(poll, deadline - time.monotonic())))
+
+
+def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
     """Everything a cell trains with: run dir, tracker, data, tokenizer, teacher (or its cache), the student
     under DeepSpeed resumed from its latest checkpoint, validation batches.
 
     Collective (every rank calls it). A failure here is recorded like one in training: metrics.json says
-    "failed" (rank 0) and the W&B run closes with exit code 1.
+    "failed" (rank 0) and the W&B run closes with exit code 1. `run_cell` calls it holding the cell lock;
+    benchmarks may call it alone.
     """
     rank, world, device = init_process(cfg)
-    rdir = _open_run_dir(cfg, rank)
-    metrics = _initial_metrics(cfg, rdir)
+    prepared = prepared or prepare(cfg, rank, world)
+    rdir = _open_run_dir(cfg, prepared.run_dir, rank)
+    metrics = _initial_metrics(cfg, prepared) if rank == 0 else {}
+    metrics = _on_rank0(lambda: metrics, rank, world)  # the same identity on every rank
+    run_id = tracking.run_id(cfg.sweep_name, metrics["name"], metrics["signature"])
+    if cfg.force:  # a forced rerun replaces the cell's result: a new W&B run, not more steps of the old one
+        run_id += time.strftime("-force%Y%m%d%H%M%S")
     tracker = Tracker(
-        cfg.logger, run_id=f"{metrics['name']}-{metrics['signature']}", name=metrics["name"], group=cfg.sweep_name,
+        cfg.logger, run_id=run_id, name=metrics["name"], group=cfg.sweep_name,
+        job_type=tracking.job_type(cfg.loss.kd_ratio, cfg.logger.get("job_type")),
         tags=[f"div:{metrics['cell']['divergence']}", f"tau:{cfg.tau:g}", f"model:{cfg.model.name}",
               f"rollout:{(cfg.get('rollout') or {}).get('name', 'offline')}"],
         config=OmegaConf.to_container(cfg, resolve=True), run_dir=rdir, enabled=rank == 0,
@@ -241,7 +374,7 @@ def setup(cfg: DictConfig) -> Cell:
     with _failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
         if rank == 0:
             runs.atomic_write_json(rdir / runs.METRICS_FILE, {**metrics, "updated_at": runs.now_iso()})
-        splits, tokenizer = load_data_and_tokenizer(cfg)
+        splits, tokenizer = prepared.splits, prepared.tokenizer
         trunc = data_mod.TruncationStats()
         train_ex = data_mod.encode_records(tokenizer, splits.train, cfg.data, trunc)
         val_ex = data_mod.encode_records(tokenizer, splits.valid, cfg.data, trunc)
@@ -251,6 +384,9 @@ def setup(cfg: DictConfig) -> Cell:
         teacher, cache, engine, train_ex, sched = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank,
                                                                 world=world)
         progress = _resume(engine, rdir, rank)
+        if rank == 0:
+            truncate_log(tracker.log_path, progress.step)  # a redone step is logged once
+            metrics["attempts"][-1]["start_step"] = progress.step
         metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict(), **_batch_info(sched)}
         val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world, micro=sched.batch.micro)
         rollout = _rollout(cfg, tokenizer, rdir, progress.step, sched, world=world, rank=rank)
@@ -274,50 +410,98 @@ def setup(cfg: DictConfig) -> Cell:
                 tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar)
 
 
-def _open_run_dir(cfg: DictConfig, rank: int) -> Path:
+def _open_run_dir(cfg: DictConfig, rdir: Path, rank: int) -> Path:
     """The cell's run dir with its config.yaml (rank 0; force=true drops old checkpoints), all ranks synced."""
-    rdir = runs.run_dir(cfg)
     if rank == 0:
         if cfg.force:
             shutil.rmtree(rdir / eng.CKPT_DIR, ignore_errors=True)
-        rdir.mkdir(parents=True, exist_ok=True)
+            (rdir / tracking.LOG_FILE).unlink(missing_ok=True)   # the log of the result being replaced
+        _make_dir(rdir)
         runs.atomic_write_text(rdir / "config.yaml", OmegaConf.to_yaml(runs.redact(OmegaConf.to_container(cfg, resolve=True))))
     dist.barrier()
     return rdir
 
 
-def _initial_metrics(cfg: DictConfig, rdir: Path) -> dict[str, Any]:
-    sig = runs.signature(cfg)
+def host_info() -> dict[str, Any]:
+    """Where this attempt runs: host, pid and the SLURM job/array ids that are set."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm": locks.slurm_ids()}
+
+
+def _initial_metrics(cfg: DictConfig, prepared: Prepared) -> dict[str, Any]:
+    """metrics.json at the start of an attempt: identity, inputs, host, and the attempts so far plus this one."""
+    previous = None if cfg.force else runs.read_metrics(prepared.run_dir)
+    attempts = [a for a in (previous or {}).get("attempts") or [] if isinstance(a, dict)]
+    for a in attempts:
+        if a.get("status") == "running":  # its process died without a word (SIGKILL, node failure)
+            a.update(status="stale", note="ended without recording it (killed)")
+    attempts.append({"attempt": len(attempts) + 1, **host_info(), "started_at": runs.now_iso(), "start_step": 0,
+                     "status": "running"})
+    sig = prepared.signature
     return {
-        "schema_version": runs.SCHEMA_VERSION, "status": "running", "signature": sig, "name": runs.cell_name(cfg),
-        "sweep": cfg.sweep_name, "cell": cell_identity(cfg, sig), "run_dir": str(rdir),
+        "schema_version": runs.SCHEMA_VERSION, "status": "running", "signature": sig,
+        "config_signature": prepared.config_signature, "name": prepared.name, "sweep": cfg.sweep_name,
+        "cell": cell_identity(cfg, sig), "run_dir": str(prepared.run_dir), "inputs": prepared.fingerprints,
+        **host_info(), "attempts": attempts,
     }
 
 
+def _end_attempt(metrics: dict[str, Any], status: str, **where: Any) -> None:
+    """Close this attempt's record in metrics: status, end time, and `where` it stood (end_step, time_s)."""
+    if metrics.get("attempts"):
+        metrics["attempts"][-1].update(status=status, ended_at=runs.now_iso(),
+                                       **{k: v for k, v in where.items() if v is not None})
+
+
+def _where(cell: Cell) -> dict[str, Any]:
+    """This attempt's end step and training seconds so far."""
+    return {"end_step": cell.progress.step, "time_s": round(time.time() - cell.progress.t_start, 3)}
+
+
 @contextmanager
-def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tracker: Tracker) -> Iterator[None]:
-    """On an error: metrics.json says failed (rank 0), the W&B run closes with exit code 1, the error propagates."""
+def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tracker: Tracker,
+                       where: Callable[[], dict[str, Any]] = dict) -> Iterator[None]:
+    """On an error: metrics.json says failed, on a signal or Ctrl-C interrupted (rank 0; never over a completed
+    result, never when the lock was lost to another run), the traceback goes to the cell's log, the W&B run
+    closes with exit code 1, and the exception propagates."""
     try:
         yield
     except BaseException as exc:
-        if rank == 0 and isinstance(exc, Exception):
-            metrics.update(status="failed", error=f"{type(exc).__name__}: {exc}", updated_at=runs.now_iso())
-            runs.atomic_write_json(run_dir / runs.METRICS_FILE, metrics)
+        if rank == 0 and metrics and not isinstance(exc, LockLost):
+            if isinstance(exc, Exception):
+                status, error = "failed", f"{type(exc).__name__}: {exc}"
+                cell_log.error("%s", error, exc_info=exc)
+            else:
+                status = "interrupted"
+                error = getattr(exc, "reason", None) or f"{type(exc).__name__} (stopped before it finished)"
+                cell_log.warning("interrupted: %s", error)
+            _end_attempt(metrics, status, **where())
+            metrics.update(status=status, error=error, updated_at=runs.now_iso())
+            runs.write_metrics(run_dir, metrics)
         tracker.finish(1)
         raise
 
 
 def load_data_and_tokenizer(cfg: DictConfig) -> tuple[data_mod.DataSplits, Any]:
-    """The data splits and the tokenizer (the embedded suite brings its own). A tokenizer named by
-    `model.tokenizer` is loaded first, so the splits can count (or drop, `data.long_prompts=drop`) its
-    over-long prompts."""
-    trust = bool(cfg.model.get("trust_remote_code", False))
-    tokenizer = models.load_tokenizer(cfg.model.tokenizer, trust) if cfg.model.get("tokenizer") else None
-    splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir), tokenizer=tokenizer)
+    """The data splits and the tokenizer (the embedded suite brings its own); a bad file is one InputError line.
+    A tokenizer named by `model.tokenizer` is loaded first, so the splits can count (or drop,
+    `data.long_prompts=drop`) its over-long prompts."""
+    def load_tok(tok_path):
+        try:
+            return models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"tokenizer {tok_path}: cannot be loaded ({first}): set model.tokenizer to the pair's "
+                             "tokenizer dir or hub id") from exc
+
+    tokenizer = load_tok(cfg.model.tokenizer) if cfg.model.get("tokenizer") else None
+    try:
+        splits = data_mod.load_data(cfg.data, Path(cfg.paths.data_dir), tokenizer=tokenizer)
+    except (ValueError, OSError) as exc:  # missing/empty/malformed/non-UTF-8 files: the message names file:line
+        raise InputError(f"data={cfg.data.name}: {exc}") from exc
     if tokenizer is None:
         if splits.tokenizer_dir is None:
             raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
-        tokenizer = models.load_tokenizer(splits.tokenizer_dir, trust)
+        tokenizer = load_tok(splits.tokenizer_dir)
     return splits, tokenizer
 
 
@@ -380,14 +564,18 @@ def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, sched: Schedule,
 
 
 def _resume(engine, rdir: Path, rank: int) -> Progress:
-    """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG, the evaluations so far and
-    the selected one); where training stands."""
+    """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG, the running loss window and
+    training time, the evaluations so far and the selected one); where training stands. The loss window is a
+    global sum: rank 0 takes it, the rest start at 0, so the next train log (a sum over ranks) equals the
+    uninterrupted run's."""
     state = eng.load_latest_checkpoint(engine, rdir) or {}
     step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
-    p = Progress(step=step, tokens=tokens, tokens_at_start=tokens, evaluations=list(state.get("evaluations", [])),
-                 best=state.get("best"))
+    p = Progress(step=step, tokens=tokens, tokens_at_start=tokens,
+                 loss_sum=float(state.get("loss_sum", 0.0)) if rank == 0 else 0.0,
+                 loss_steps=int(state.get("loss_steps", 0)), time_before=float(state.get("train_time_s", 0.0)),
+                 evaluations=list(state.get("evaluations", [])), best=state.get("best"))
     p.ckpt_best_step = p.best["step"] if p.best else None
     if rank == 0:
         # exports of evaluations after the checkpoint belong to the lost attempt: they are redone
@@ -491,8 +679,10 @@ def micro_batch_loss(cell: Cell, batch: dict, num_tokens: float, *,
     return loss, parts
 
 
-def after_step(cell: Cell, result: dict[str, Any]) -> None:
-    """The loop's cadence after a step: train log, validation, checkpoint, progress bar."""
+def after_step(cell: Cell, result: dict[str, Any], lock: locks.CellLock | None = None) -> None:
+    """The loop's cadence after a step: train log, validation + checkpoint selection, checkpoint, progress bar;
+    and the step boundary where a SIGTERM/SIGUSR2 on any rank (or a lost cell lock) stops every rank:
+    checkpoint, then Interrupted."""
     tcfg, sched, done = cell.cfg.trainer, cell.schedule, result["step"]
     if done % int(tcfg.log_every) == 0 or done == sched.max_steps:
         _log_train(cell, result["parts"])
@@ -501,19 +691,48 @@ def after_step(cell: Cell, result: dict[str, Any]) -> None:
         if "ce" in evaluation:
             cell.rollout.observe_dev_loss(evaluation["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
         cell.tracker.log({f"valid/{k}": v for k, v in evaluation.items() if k != "step"}, step=done)
-    if sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps:
+    stop = _stop_requested(cell, lock)
+    if isinstance(stop, LockLost):
+        raise stop  # another run owns the dir now: write nothing more
+    if stop is not None or (sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps):
         p = cell.progress
         if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
             cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
-        eng.save_checkpoint(cell.engine, cell.run_dir, done,
-                            {"step": done, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
-                             "evaluations": p.evaluations, "best": p.best},
-                            keep=int(tcfg.keep_ckpts))
+        eng.save_checkpoint(cell.engine, cell.run_dir, done, _checkpoint_state(cell), keep=int(tcfg.keep_ckpts))
         p.ckpt_best_step = p.best["step"] if p.best else None
         if cell.rank == 0:
             _prune_selected(cell.run_dir, keep={p.ckpt_best_step})
     if cell.bar is not None:
         cell.bar.update(1)
+    if stop is not None:
+        cell_log.warning("step %d: %s; checkpoint saved", done, stop.reason)
+        raise stop
+
+
+def _stop_requested(cell: Cell, lock: locks.CellLock | None) -> Exception | BaseException | None:
+    """Agree across ranks whether to stop now: a signal on any rank (Interrupted), a lost lock (LockLost)."""
+    flags = torch.tensor([float(preempt.STATE.signum or 0), float(bool(lock is not None and lock.lost))],
+                         dtype=torch.float64, device=cell.device)
+    if cell.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signum, lost = int(flags[0]), bool(flags[1])
+    if lost:
+        return LockLost(f"{cell.run_dir}: this run's cell lock was taken over (it looked dead): stopped without "
+                        "writing; the run that holds it now finishes the cell")
+    if signum:
+        return preempt.Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step "
+                                           f"{cell.progress.step}")
+    return None
+
+
+def _checkpoint_state(cell: Cell) -> dict[str, Any]:
+    """The client state saved with a checkpoint: where training stands, RNG, loss window, training time.
+    Collective (the loss window is summed over ranks)."""
+    p = cell.progress
+    return {"step": p.step, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
+            "loss_sum": _all_reduce_sum([p.loss_sum], cell.device)[0], "loss_steps": p.loss_steps,
+            "train_time_s": p.time_before + (time.time() - p.t_start),
+            "evaluations": p.evaluations, "best": p.best}
 
 
 def _log_train(cell: Cell, parts: dict[str, float]) -> None:
@@ -522,10 +741,13 @@ def _log_train(cell: Cell, parts: dict[str, float]) -> None:
     step_loss = _all_reduce_sum([p.loss_sum], cell.device)[0] / p.loss_steps
     p.loss_sum, p.loss_steps = 0.0, 0
     tps = (p.tokens - p.tokens_at_start) / max(time.time() - p.t_start, 1e-9)
-    cell.tracker.log({"train/loss": step_loss, "train/lr": cell.engine.get_lr()[0], "train/tokens": p.tokens,
+    lr = cell.engine.get_lr()[0]
+    cell.tracker.log({"train/loss": step_loss, "train/lr": lr, "train/tokens": p.tokens,
                       "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()},
                       **cell.rollout.log_values()}, step=p.step)
     cell.metrics["train"]["final_loss"] = step_loss
+    cell_log.info("step %d/%d loss %.6f lr %.3g tokens %d tok/s %.0f", p.step, cell.schedule.max_steps,
+                  step_loss, lr, p.tokens, tps)
     if cell.bar is not None:
         cell.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
 
@@ -611,10 +833,12 @@ def finish(cell: Cell) -> dict[str, Any]:
     m, p, sched = cell.metrics, cell.progress, cell.schedule
     if cell.bar is not None:
         cell.bar.close()
-    train_time = time.time() - p.t_start
+    train_time = time.time() - p.t_start  # this attempt's; time_s adds the earlier attempts' (checkpointed)
+    if m.get("attempts"):
+        m["attempts"][-1].update(end_step=p.step, time_s=round(train_time, 3))
     final = evaluate_and_select(cell, final=True)
-    m["train"].update(steps=sched.max_steps, tokens=p.tokens, time_s=round(train_time, 3),
-                      rollout=cell.rollout.summary(),
+    m["train"].update(steps=sched.max_steps, tokens=p.tokens, time_s=round(p.time_before + train_time, 3),
+                      rollout=cell.rollout.summary(), attempts=len(m.get("attempts") or [1]),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
     if cell.device.type == "cuda":
@@ -649,15 +873,17 @@ def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
         model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         template=cfg.data.template, max_length=int(cfg.data.max_length),
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
-        truncation_side=cfg.data.get("truncation_side", "left"),
+        truncation_side=str(cfg.data.get("truncation_side", "left")),
     )
     generated = sum(r["n"] * len(r["seeds"]) for r in m["eval"].values())
     m["eval_examples_per_s"] = round(generated / max(time.time() - t0, 1e-9), 2)  # batched generation throughput
+    _end_attempt(m, "completed")
     m.update(status="completed", updated_at=runs.now_iso())
-    cell.tracker.log({f"valid/{k}": v for k, v in m["valid"].items()}, step=max_steps)
-    cell.tracker.log({f"eval/{b}/rougeL": r["rougeL_mean"] for b, r in m["eval"].items()}, step=max_steps)
-    cell.tracker.summary({"eval": m["eval"], "valid": m["valid"], "train": m["train"]})
-    runs.atomic_write_json(cell.run_dir / runs.METRICS_FILE, m)
+    gens = {b: evaluate.read_generations(cell.run_dir / "generations", b) for b in m["eval"]}
+    cell.tracker.log_final({**{f"valid/{k}": v for k, v in m["valid"].items()}, **tracking.eval_metrics(m["eval"])},
+                           step=max_steps, tau=float(cfg.tau), generations=gens)
+    cell.tracker.summary({f"train/{k}": v for k, v in m["train"].items() if isinstance(v, (int, float))})
+    runs.write_metrics(cell.run_dir, m)
     if not cfg.trainer.keep_final_ckpt:
         shutil.rmtree(cell.run_dir / eng.CKPT_DIR, ignore_errors=True)
     log.info("%s: %s", m["name"], {b: round(r["rougeL_mean"], 2) for b, r in m["eval"].items()})
@@ -667,17 +893,67 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     """Train + evaluate one cell; return its metrics dict (also written to `<run_dir>/metrics.json`).
 
     A completed cell is skipped (force=true reruns it); an unfinished one resumes from its last checkpoint.
+    The cell's lock makes one run of it at a time; SIGTERM/SIGUSR2 stop it at a step boundary with a
+    checkpoint, status `interrupted` and a requeue where SLURM would not requeue it (preempt.Interrupted).
     """
-    init_process(cfg)
-    rdir = runs.run_dir(cfg)
-    if runs.is_completed(rdir) and not cfg.force:
-        log.info("skip %s: %s already completed (force=true reruns it)", runs.cell_name(cfg), rdir)
-        return runs.read_metrics(rdir)
-    cell = setup(cfg)
-    with _failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker):
-        while cell.progress.step < cell.schedule.max_steps:
-            after_step(cell, train_step(cell, cell.progress.step))
-        return finish(cell)
+    rank, world, _ = init_process(cfg)
+    with preempt.guard() as signals:
+        prepared = prepare(cfg, rank, world)
+        lock = lock_cell(cfg, prepared.run_dir, rank, world)
+        handler = _attach_cell_log(prepared.run_dir) if rank == 0 else None
+        interrupted = False
+        try:
+            done = _on_rank0(lambda: None if cfg.force or not runs.is_completed(prepared.run_dir)
+                             else runs.read_metrics(prepared.run_dir), rank, world)
+            if done is not None:
+                log.info("skip %s: %s already completed (force=true reruns it)", prepared.name, prepared.run_dir)
+                return done
+            cell = setup(cfg, prepared)
+            with _failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker,
+                                    where=lambda: _where(cell)):
+                signals.in_loop = True
+                while cell.progress.step < cell.schedule.max_steps:
+                    after_step(cell, train_step(cell, cell.progress.step), lock)
+                signals.in_loop = False
+                return finish(cell)
+        except preempt.Interrupted:
+            interrupted = True
+            raise
+        except Exception as exc:
+            if handler is not None:  # errors before setup (the lock, the skip check) end up in the cell log too
+                cell_log.error("%s: %s", type(exc).__name__, exc, exc_info=exc)
+            raise
+        finally:
+            signals.in_loop = False
+            if lock is not None:
+                lock.release()
+            if handler is not None:
+                _detach_cell_log(handler)
+            if interrupted and rank == 0:
+                signals.requeue()  # last: the next attempt finds the checkpoint, metrics and a free lock
+
+
+def _attach_cell_log(run_dir: Path) -> logging.Handler:
+    """Append this attempt's log records to `<cell>/train.log`: the distill loggers at INFO, other libraries'
+    warnings, the loss lines and tracebacks of `cell_log` (which stay off the console)."""
+    handler = logging.FileHandler(run_dir / CELL_LOG_FILE, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    handler._distill_level = logging.getLogger("distill").level  # type: ignore[attr-defined]
+    for name in ("", "distill.cell"):
+        logging.getLogger(name).addHandler(handler)
+    if logging.getLogger("distill").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("distill").setLevel(logging.INFO)
+    cell_log.setLevel(logging.INFO)
+    cell_log.info("attempt on %s pid %d %s", socket.gethostname(), os.getpid(), locks.slurm_ids() or "")
+    return handler
+
+
+def _detach_cell_log(handler: logging.Handler) -> None:
+    for name in ("", "distill.cell"):
+        logging.getLogger(name).removeHandler(handler)
+    logging.getLogger("distill").setLevel(handler._distill_level)  # type: ignore[attr-defined]
+    handler.close()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -685,15 +961,39 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_cell(cfg)
     except ConfigError as exc:
-        # A bad config is the user's to fix: one readable message, no traceback.
-        print(f"distill-train: config error: {exc}", file=sys.stderr)
+        # A bad config or input is the user's to fix: one readable message (the traceback is in the cell's log).
+        kind = "cell busy" if isinstance(exc, CellBusy) else "input error" if isinstance(exc, InputError) \
+            else "config error"
+        print(f"distill-train: {kind}: {exc}", file=sys.stderr)
         sys.exit(2)
     scores = [r["rougeL_mean"] for r in (metrics or {}).get("eval", {}).values()]
     return sum(scores) / len(scores) if scores else None
 
 
+def secret_overrides(argv: list[str]) -> list[str]:
+    """The command-line overrides (`key=value`, `+key=value`) whose key or value looks like a secret."""
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        if value.strip().startswith("${oc.env:"):
+            continue  # the secret stays in the environment; only its name is on the command line
+        if runs.is_secret_key(key.lstrip("+~")) or runs.is_secret_value(value):
+            out.append(key)
+    return out
+
+
 def main() -> None:
     """Console entry point `distill-train`."""
+    # Before Hydra sees them: Hydra would write overrides to .hydra/*.yaml, submitit pickles them and W&B
+    # records the command line. A secret given there would land on disk; refuse it with one line.
+    secrets = secret_overrides(sys.argv[1:])
+    if secrets:
+        print(f"distill-train: config error: {', '.join(secrets)} looks like a secret: pass secrets in the environment "
+              "(HF_TOKEN, WANDB_API_KEY, ...), never as an override: overrides are written to disk and to W&B",
+              file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

@@ -166,6 +166,20 @@ def test_malformed_lines_name_file_line_and_problem(tmp_path, lines, fmt, match)
         read_records(f, fmt)
 
 
+@pytest.mark.parametrize("name", ["bad.jsonl", "task001_bad.json"])
+def test_non_utf8_bytes_are_reported_with_file_and_line(tmp_path, name):
+    f = tmp_path / name
+    good = '{"instruction": "a", "output": "b"}'
+    if name.endswith(".jsonl"):
+        f.write_bytes(f"{good}\n{good}\n".encode() + b'{"instruction": "caf\xe9", "output": "b"}\n')
+        fmt = "jsonl"
+    else:
+        f.write_bytes(b'{"Definition": "d",\n "Instances": [{"input": "\xff", "output": ["x"]}]}\n')
+        fmt = "sinst"
+    with pytest.raises(ValueError, match=rf"{name}:(3|2): not UTF-8 \(byte 0x(e9|ff) at column \d+\): re-encode"):
+        read_records(f, fmt)
+
+
 def test_empty_dataset_and_all_empty_references_are_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

@@ -229,6 +229,20 @@ def test_greedy_left_padding_matches_unbatched(no_eos_model, tokenizer):
     assert batched[0] == alone[0]
 
 
+def test_generate_truncates_prompts_on_the_configured_side(no_eos_model, tokenizer, monkeypatch):
+    from distill import evaluate as ev
+
+    seen = []
+    real = ev.encode_prompts_left
+    monkeypatch.setattr(ev, "encode_prompts_left", lambda tok, p, n, side="left": seen.append(
+        real(tok, p, n, side)["input_ids"].tolist()) or real(tok, p, n, side))
+    common = dict(do_sample=False, max_new_tokens=2, max_length=40, max_prompt_length=3, progress=False)
+    generate(no_eos_model, tokenizer, [PROMPTS[1]], **common)
+    generate(no_eos_model, tokenizer, [PROMPTS[1]], truncation_side="right", **common)
+    ids = tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    assert seen == [[ids[-3:]], [ids[:3]]]
+
+
 def test_generate_rejects_bad_arguments(model, tokenizer):
     with pytest.raises(ValueError):
         generate(model, tokenizer, [], **GEN)

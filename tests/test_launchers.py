@@ -329,14 +329,14 @@ hydra:
 '''
 
 
-def run_app(tmp_path, *args):
+def run_app(tmp_path, *args, extra_conf: str = ""):
     (tmp_path / "conf").mkdir(exist_ok=True)
     sweep_dir = tmp_path / "sweep"
-    (tmp_path / "conf" / "config.yaml").write_text(APP_CONF.format(sweep_dir=sweep_dir, conf=CONF))
+    (tmp_path / "conf" / "config.yaml").write_text(APP_CONF.format(sweep_dir=sweep_dir, conf=CONF) + extra_conf)
     (tmp_path / "app.py").write_text(textwrap.dedent(APP))
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=300)  # 2 shared cores can be 7x slow
     return proc, sweep_dir
 
 
@@ -346,6 +346,22 @@ def test_report_callback_at_multirun_end(tmp_path):
     rows = (sweep_dir / "report.csv").read_text().splitlines()
     assert len([r for r in rows if r.startswith("test,fkl,")]) == 2
     assert "4 cells: 4 completed" in (sweep_dir / "report.md").read_text()
+    assert "Plotly.newPlot" in (sweep_dir / "report.html").read_text()   # the offline dashboard, too
+    assert not (sweep_dir / "wandb").exists()                           # no W&B logger, no summary run
+
+
+def test_report_callback_logs_the_sweep_summary_run_to_wandb(tmp_path):
+    from distill import wandb_offline
+    from distill.wandb_report import summary_run_id
+
+    logger = "logger:\n  name: wandb\n  project: distill-test\n  mode: offline\n  dir: ${sweep_dir}\n"
+    proc, sweep_dir = run_app(tmp_path, "objective=fkl,rkl", "tau=1.0", extra_conf=logger)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = wandb_offline.run_files(sweep_dir, summary_run_id("cb"))
+    info, _ = wandb_offline.run_info(path)
+    assert (info["group"], info["job_type"]) == ("cb", "sweep-report")
+    (row,) = wandb_offline.history_rows(path)
+    assert {"report/table", "report/plot", "sweep/rougeL_vs_tau", "sweep/fkl_minus_rkl"} <= set(row)
 
 
 def test_report_callback_lists_failed_cell_even_though_multirun_fails(tmp_path):

@@ -41,7 +41,7 @@ def test_plan_finds_every_stage_and_feeds_the_sft_exports_to_the_grid(gpt2_plan)
     assert all(d.parent == tmp_path / "gpt2-xl_gpt2" and "-gpt2-s" in d.name for d in distill.run_dirs)
     # the three GPT-2 recipes share the teacher's stage (one SFT, trained once)
     medium = compose(["recipe=gpt2-xl_gpt2-medium/teacher", f"paths.root={tmp_path}", "data.dir=/d"])
-    assert runs.run_dir(medium) == teacher.run_dirs[0]
+    assert pipeline.locate(medium) == teacher.run_dirs[0]
 
 
 def test_grid_overrides_replace_the_recipes_grid_key_by_key(tmp_path):

@@ -60,7 +60,7 @@ def md_row(section, label):
 
 def test_table_numbers_best_and_difference(sweep):
     paths = report.build_report(sweep)
-    assert set(paths) == {"report.md", "report.csv", "report.png"}
+    assert set(paths) == {"report.md", "report.csv", "report.png", "report.html"}
     exp = expected_scores()
     rows = read_csv(sweep / "report.csv")
     md = (sweep / "report.md").read_text()
@@ -129,7 +129,16 @@ def test_sentence_follows_the_data(sweep):
 
 
 def test_unfinished_cells_are_listed_not_dropped(sweep):
-    report.build_report(sweep)
+    from distill.locks import CellLock
+
+    running = next(d for d in sweep.iterdir() if (d / "metrics.json").exists()
+                   and json.loads((d / "metrics.json").read_text())["status"] == "running")
+    lock = CellLock(running)  # a live holder: the cell really is running
+    lock.acquire(wait_s=0)
+    try:
+        report.build_report(sweep)
+    finally:
+        lock.release()
     md = (sweep / "report.md").read_text()
     problems = md.split("## Unfinished cells", 1)[1]
     statuses = {}
@@ -245,14 +254,13 @@ def test_cli_argument_errors(capsys):
 
 
 def fake_run(name, state, div, tau, seed, score):
-    """A W&B run as distill.tracking logs it: flattened resolved config and flattened summary."""
-    from distill.runs import flatten
-
-    config = flatten({"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
-                      "model": {"name": "toy"}, "data": {"name": "embedded"}})
-    summary = {} if score is None else flatten({"eval": {"test": {"rougeL_mean": score, "rougeL_std": 1.0}},
-                                                "valid": {"ce": 2.0}})
-    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, config=config, summary=summary)
+    """A W&B run as distill.tracking logs it: nested resolved config, slash-named final summary."""
+    config = {"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
+              "model": {"name": "toy"}, "data": {"name": "embedded"}}
+    summary = {} if score is None else {"eval/test/rougeL": score, "eval/test/rougeL_std": 1.0, "valid/ce": 2.0,
+                                        "eval/test/generations": {"_type": "table-file"}}
+    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, job_type="distill", config=config,
+                           summary=summary)
 
 
 def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
@@ -415,6 +423,35 @@ def test_plot_caption_says_what_the_error_bars_are(tmp_path):
     summary = report.summarize(report.scan_sweep(tmp_path))
     caption = report.plot_caption(summary, "stat")
     assert "± 1 sample std over training seeds (not a CI)" in caption and "n = 5" in caption
+
+
+def test_dead_running_cells_are_stale_and_attempts_are_counted(sweep):
+    from distill.locks import Holder, LOCK_FILE
+
+    cells = {d.name: d for d in sweep.iterdir() if (d / "metrics.json").exists()}
+    running = next(d for d in cells.values() if json.loads((d / "metrics.json").read_text())["status"] == "running")
+    dead = Holder.me(30, 300)
+    dead.host, dead.updated_at = "node9", dead.updated_at - 3600
+    (running / LOCK_FILE).write_text(dead.to_json())  # its job was SIGKILLed an hour ago
+    failed = next(d for d in cells.values() if json.loads((d / "metrics.json").read_text())["status"] == "failed")
+    m = json.loads((failed / "metrics.json").read_text())
+    m.update(status="interrupted", error="stopped by SIGTERM at step 40",
+             attempts=[{"attempt": 1, "start_step": 0, "end_step": 40, "status": "interrupted"}])
+    (failed / "metrics.json").write_text(json.dumps(m))
+    done = next(d for d in cells.values() if json.loads((d / "metrics.json").read_text())["status"] == "completed")
+    m = json.loads((done / "metrics.json").read_text())
+    m["attempts"] = [{"attempt": 1, "status": "interrupted"}, {"attempt": 2, "status": "completed"}]
+    (done / "metrics.json").write_text(json.dumps(m))
+
+    report.build_report(sweep)
+    md = (sweep / "report.md").read_text()
+    problems = md.split("## Unfinished cells", 1)[1]
+    stale = next(l for l in problems.splitlines() if l.startswith(f"| {running.name} |"))
+    assert "| stale |" in stale and "heartbeat is 3600 s old" in stale
+    line = next(l for l in problems.splitlines() if l.startswith(f"| {failed.name} |"))
+    assert "| interrupted | 40 | 1 |" in line and "stopped by SIGTERM at step 40" in line
+    assert f"more than one: {done.name} (2)." in md
+    assert "1 stale, 1 interrupted, 1 missing" in md
 
 
 def test_budget_splits_rows_and_an_older_cell_without_it_does_not(tmp_path):

@@ -442,7 +442,7 @@ def test_killed_rollout_cell_resumes_like_the_unkilled_one(rollout, smoke_cfg, t
     from pathlib import Path
 
     from distill import engine as eng
-    from distill import runs
+    from distill import inputs, runs
     from distill.train import run_cell
 
     common = [*ROLLOUT_CELLS[rollout], "eval.max_examples=2", "rollout.sampling.max_new_tokens=12"]
@@ -467,7 +467,7 @@ def test_killed_rollout_cell_resumes_like_the_unkilled_one(rollout, smoke_cfg, t
     monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after checkpoint at step 3"):
         run_cell(cfg)
-    ckpt = eng.checkpoint_dir(runs.run_dir(cfg), 3)
+    ckpt = eng.checkpoint_dir(inputs.locate(cfg)[0], 3)
     assert (ckpt / "rollout-rank00000.safetensors").exists()
     monkeypatch.setattr(eng, "save_checkpoint", real_save)
     resumed = run_cell(cfg)

@@ -91,10 +91,60 @@ def test_redact_drops_secrets_recursively():
     assert runs.redact(data) == {"logger": {"project": "p"}, "model": {"path": "gpt2"}, "list": [{"ok": 2}]}
 
 
-def test_flatten():
-    assert runs.flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+def test_float_fields_make_tau_and_ratios_floats_but_leave_flags_alone():
+    data = {"tau": 2, "loss": {"kd_ratio": 1, "tau_squared": True}, "divergence": {"name": "jsd", "beta": 1, "x": True}}
+    out = runs.float_fields(data)
+    assert out["tau"] == 2.0 and isinstance(out["tau"], float) and isinstance(out["loss"]["kd_ratio"], float)
+    assert isinstance(out["divergence"]["beta"], float) and out["divergence"]["x"] is True
+    assert out["loss"]["tau_squared"] is True
 
 
 def test_result_config_resolves_interpolations():
     cfg = OmegaConf.create({"x": 1, "y": "${x}", "paths": {"root": "/r"}, "logger": {"name": "none"}})
     assert runs.result_config(cfg) == {"x": 1, "y": 1}
+
+
+def test_secret_keys_are_told_from_token_counts_and_tokenizers():
+    secrets = ["hf_token", "logger.api_key", "+logger.api_key", "apiKey", "model.hub_token", "db_password",
+               "aws_secret_access_key", "secret_key", "access_token", "WANDB_API_KEY", "client_secret"]
+    fine = ["max_new_tokens", "model.tokenizer", "data.tokenizer_vocab_size", "pad_token", "eos_token",
+            "train/tokens", "key", "teacher_cache_topk", "tokens_per_s", "monkey"]
+    assert [k for k in secrets if not runs.is_secret_key(k)] == []
+    assert [k for k in fine if runs.is_secret_key(k)] == []
+    assert runs.is_secret_value("hf_" + "a1B2" * 9) and not runs.is_secret_value("hf_short")
+
+
+def test_redact_keeps_the_configs_own_token_keys(smoke_cfg):
+    data = OmegaConf.to_container(smoke_cfg(), resolve=True)
+    assert runs.redact(data) == data  # max_new_tokens, tokenizer, tokenizer_vocab_size all stay
+    assert runs.secret_keys(data) == []
+    data["model"]["hub_token"] = "x"
+    data["data"]["note"] = "hf_" + "Z" * 34
+    assert sorted(runs.secret_keys(data)) == ["data.note", "model.hub_token"]
+    assert "hub_token" not in runs.redact(data)["model"] and "note" not in runs.redact(data)["data"]
+
+
+def test_unusable_metrics_count_as_unfinished(tmp_path, caplog):
+    path = tmp_path / runs.METRICS_FILE
+    for garbage in (b"\xff\xfe\x00garbage", b"[1, 2]", b"null", b'"completed"', b"{half"):
+        path.write_bytes(garbage)
+        assert runs.read_metrics(tmp_path) is None and not runs.is_completed(tmp_path)
+    assert "counts as unfinished" in caplog.text
+
+
+def test_a_completed_result_is_never_replaced_by_a_failure(tmp_path):
+    assert runs.write_metrics(tmp_path, {"status": "completed", "eval": {}})
+    assert not runs.write_metrics(tmp_path, {"status": "failed", "error": "twin"})
+    assert not runs.write_metrics(tmp_path, {"status": "interrupted"})
+    assert runs.read_metrics(tmp_path)["status"] == "completed"
+    assert runs.write_metrics(tmp_path, {"status": "completed", "eval": {"x": 1}})
+
+
+def test_inputs_join_the_signature_by_content_only():
+    cfg = compose()
+    a = {"data.train_file": {"path": "/a", "sha256": "1" * 64, "mtime": "t1"}}
+    moved = {"data.train_file": {"path": "/b", "sha256": "1" * 64, "mtime": "t2"}}
+    edited = {"data.train_file": {"path": "/a", "sha256": "2" * 64, "mtime": "t1"}}
+    assert runs.signature(cfg, inputs=a) == runs.signature(cfg, inputs=moved) != runs.signature(cfg)
+    assert runs.signature(cfg, inputs=edited) != runs.signature(cfg, inputs=a)
+    assert runs.run_dir(cfg, inputs=a).name.endswith(runs.signature(cfg, inputs=a))

@@ -160,11 +160,12 @@ def reference(tmp_path_factory):
     log.close()
 
 
-@pytest.mark.parametrize("how", ["requeue", "usr2"])
+@pytest.mark.parametrize("how", ["requeue", "usr2", "term"])
 def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, how):
-    """requeue: `scontrol requeue` (SIGTERM, as for an admin requeue or a preemption);
-    usr2: the signal SLURM sends `signal_delay_s` before the time limit, which submitit answers
-    by requeueing the job itself."""
+    """requeue: `scontrol requeue` (SIGTERM, as for an admin requeue or a preemption): SLURM requeues;
+    usr2: the signal SLURM sends `signal_delay_s` before the time limit: the job requeues itself through
+    submitit's handler; term: `scancel --signal=TERM`, a TERM that SLURM will not requeue: the job
+    requeues itself instead of ending FAILED. Each time the cell checkpoints at the step boundary."""
     out = tmp_path / "out"
     slurm_log = tmp_path / "slurm.log"
     sweep_name = f"preempt-{how}"
@@ -182,7 +183,7 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
             if how == "requeue":
                 subprocess.run(["scontrol", "requeue", job[0]], check=True, timeout=30)
             else:
-                subprocess.run(["scancel", "--signal=USR2", job[0]], check=True, timeout=30)
+                subprocess.run(["scancel", f"--signal={how.upper()}", job[0]], check=True, timeout=30)
             assert slurm.wait(timeout=1200) == 0, tail(slurm_log)
         finally:
             stop(slurm)
@@ -193,7 +194,10 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
     assert m["status"] == "completed", m.get("error")
     resumed = m["train"]["resumed_from_step"]
     assert resumed > 0, "the requeued cell started again from step 0"
-    assert resumed >= step_at_stop and resumed % 10 == 0 and m["train"]["steps"] == 150
+    # the stop itself checkpoints at the step it was in (not the last periodic checkpoint)
+    assert resumed >= step_at_stop and m["train"]["steps"] == 150
+    assert m["attempts"][0]["status"] == "interrupted" and m["attempts"][0]["end_step"] == resumed
+    assert [a["status"] for a in m["attempts"]][-1] == "completed"
     assert "REQUEUED" in {s for _, s in sacct_states(job[0], duplicates=True)}, sacct_states(job[0], True)
 
     # the same cell (same signature) ends where the uninterrupted run ends
@@ -207,8 +211,16 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
     for bench, ev in ref["eval"].items():
         assert m["eval"][bench]["rougeL_mean"] == pytest.approx(ev["rougeL_mean"], abs=1.0), bench
 
-    # both attempts logged to one W&B run: the id is the cell's name-signature
-    run_id = f"{m['name']}-{m['signature']}"
-    runs = sorted((out / "wandb").glob("offline-run-*"))
+    # both attempts logged to one W&B run (id = sweep-name-signature) in the sweep's own W&B folder,
+    # and together they hold every logged step once (what `wandb sync` of the folder uploads)
+    from distill import tracking, wandb_offline
+
+    run_id = tracking.run_id(sweep_name, m["name"], m["signature"])
+    runs = sorted((out / sweep_name / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2, runs  # one local run dir per attempt
     assert all(r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").exists() for r in runs), runs
+    files = wandb_offline.run_files(out / sweep_name, run_id)
+    logged = [r["_step"] for f in files for r in wandb_offline.history_rows(f) if "train/loss" in r]
+    local = {json.loads(line)["step"] for line in (cell / "train_log.jsonl").read_text().splitlines()
+             if "train/loss" in line}
+    assert sorted(logged) == sorted(local), (sorted(logged), sorted(local))

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill import engine as eng
-from distill import runs
+from distill import inputs, runs
 from distill import train as train_mod
 from distill.train import run_cell, sample_indices
 
@@ -53,10 +53,16 @@ def test_a_steps_examples_depend_on_the_global_batch_not_on_its_split(n):
 def test_smoke_cell_end_to_end(smoke_cfg):
     cfg = smoke_cfg("divergence=rkl", "tau=2")
     m = run_cell(cfg)
-    d = runs.run_dir(cfg)
+    d, fps = inputs.locate(cfg)
     assert m["status"] == "completed" and runs.read_metrics(d) == json.loads(json.dumps(m))
-    assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0 and m["signature"] == runs.signature(cfg)
+    assert m["cell"]["divergence"] == "rkl" and m["cell"]["tau"] == 2.0
     assert m["cell"]["max_steps"] == 6   # the budget is part of what a report compares
+    assert m["signature"] == runs.signature(cfg, inputs=fps) and m["config_signature"] == runs.signature(cfg)
+    assert m["inputs"] == fps and set(fps) == {"data.embedded"} and m["host"] and m["pid"]
+    assert [a["status"] for a in m["attempts"]] == ["completed"] and m["attempts"][0]["start_step"] == 0
+    assert m["train"]["attempts"] == 1
+    log = (d / "train.log").read_text()
+    assert "step 6/6 loss" in log and log.count(" loss ") >= 3  # the cell's own log, with its loss lines
     assert m["train"]["steps"] == 6 and m["train"]["tokens"] > 0 and m["train"]["tokens_per_s"] > 0
     assert set(m["eval"]) == set(cfg.data.benchmarks)
     for result in m["eval"].values():
@@ -116,7 +122,7 @@ def test_kill_and_resume_equals_uninterrupted(smoke_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="killed after checkpoint at step 3"):
         run_cell(cfg)
-    assert runs.read_metrics(runs.run_dir(cfg))["status"] == "failed"
+    assert runs.read_metrics(inputs.locate(cfg)[0])["status"] == "failed"
     monkeypatch.setattr(eng, "save_checkpoint", real_save)
     resumed = run_cell(cfg)
     assert resumed["train"]["resumed_from_step"] == 3
@@ -193,19 +199,44 @@ def test_sft_mode_loads_no_teacher(smoke_cfg, monkeypatch):
     assert "fkl" not in m["valid"] and m["valid"]["ce"] > 0
 
 
-def test_wandb_offline_run_holds_the_metrics(smoke_cfg, tmp_path):
-    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
-    m = run_cell(cfg)
-    run_id = f"{m['name']}-{m['signature']}"
+def test_wandb_run_of_a_resumed_cell_holds_every_step_once(smoke_cfg, monkeypatch):
     import wandb
 
+    from distill import train, tracking, wandb_offline
+
+    cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
+    real_after_step = train.after_step
+
+    def die_after_step_4(cell, result):   # step 4 is logged, the last checkpoint is at step 3
+        real_after_step(cell, result)
+        if result["step"] == 4:
+            raise RuntimeError("killed after step 4")
+
+    monkeypatch.setattr(train, "after_step", die_after_step_4)
+    with pytest.raises(RuntimeError, match="killed after step 4"):
+        run_cell(cfg)
+    monkeypatch.setattr(train, "after_step", real_after_step)
+    m = run_cell(cfg)                      # resumes at step 3, so it trains and logs step 4 again
+    assert m["train"]["resumed_from_step"] == 3
     # In a process that already hosts a W&B service (earlier in-process runs of the suite), the
     # service may still be writing the finished run's records; teardown waits until they are on disk.
     wandb.teardown()
-    found = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert len(found) == 1
-    blob = found[0].read_bytes()
-    assert b"eval/test/rougeL" in blob and b"train/loss" in blob and b"wb" in blob  # metrics + group
+    rid = tracking.run_id("wb", m["name"], m["signature"])
+    files = wandb_offline.run_files(Path(cfg.paths.sweep_dir), rid)   # the sweep's own W&B folder
+    assert len(files) == 2
+
+    def steps(key):
+        return sorted(r["_step"] for f in files for r in wandb_offline.history_rows(f) if key in r)
+
+    # synced, the two attempts append into one run: every metric at every step once
+    assert steps("train/loss") == [2, 4, 6] and steps("valid/ce") == [3, 6] and steps("eval/test/rougeL") == [6]
+    info, config = wandb_offline.run_info(files[-1])
+    assert (info["job_type"], info["group"]) == ("distill", "wb") and config["tau"] == 1.0
+    summary = wandb_offline.final_summary(files[-1])
+    assert summary["eval/test/rougeL"] == pytest.approx(m["eval"]["test"]["rougeL_mean"])
+    assert summary["valid/fkl"] == pytest.approx(m["valid"]["fkl"]) and summary["tau"] == 1.0
+    assert summary["eval/test/generations"]["_type"] == "table-file" and summary["train/steps"] == 6
+    assert not [k for k in summary if "." in k]
 
 
 def test_pretrained_teacher_and_warm_start_from_a_previous_cell(smoke_cfg, tmp_path):
