@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from distill.pipeline import compose, plan, run_pipeline  # noqa: F401  (compose: distill-analyze --demo)
+from distill.pipeline import compose, locate, plan, run_pipeline, train_command
 
 RECIPE = "demo"
 # Scale presets: overrides for every stage (experiment presets go on top of the recipe) and the grid.
@@ -46,6 +47,19 @@ def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
     """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
     stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"], SCALES[scale]["baseline_grid"])
     return {role: stages[role].export for role in ("teacher", "student")}
+
+
+def prep_overrides(root: Path, scale: str = "full") -> dict[str, list[str]]:
+    """The overrides of the two prep stages (teacher SFT, student warm start) for `root` and `scale`."""
+    stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"], SCALES[scale]["baseline_grid"])
+    return {role: stages[role].overrides for role in ("teacher", "student")}
+
+
+def stage(title: str, overrides: list[str]) -> Path:
+    """Train (or skip, if finished) one prep cell as `distill-train` does; return its exported model dir."""
+    print(f"\n== {title}", flush=True)
+    subprocess.run(train_command(overrides), check=True)
+    return locate(compose(overrides)) / "student"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from distill import pipeline, runs
 from distill.demo import SCALES
 
 CI = SCALES["ci"]["overrides"]
+MINILLM = Path(__file__).resolve().parent / "fixtures" / "data" / "minillm_layout"
 
 
 def test_every_recipe_dir_is_a_pipeline_recipe():
@@ -25,7 +26,8 @@ def test_every_recipe_dir_is_a_pipeline_recipe():
 @pytest.fixture(scope="module")
 def gpt2_plan(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    return root, pipeline.plan("gpt2-xl_gpt2", root, ["data.dir=/d", "hydra.launcher.partition=gpu"])
+    # the data must exist: a cell's identity includes its input files' fingerprints (distill.inputs)
+    return root, pipeline.plan("gpt2-xl_gpt2", root, [f"data.dir={MINILLM}", "hydra.launcher.partition=gpu"])
 
 
 def test_plan_finds_every_stage_and_feeds_the_sft_exports_to_the_grid(gpt2_plan):
@@ -37,15 +39,17 @@ def test_plan_finds_every_stage_and_feeds_the_sft_exports_to_the_grid(gpt2_plan)
     assert teacher.run_dirs[0].name.startswith("sft-gpt2-xl-s0-") and student.run_dirs[0].name.startswith("sft-gpt2-s0-")
     assert f"model.teacher.path={teacher.export}" in distill.overrides
     assert f"model.student.path={student.export}" in distill.overrides
-    assert len(distill.cells) == 7 * 5 * 3 and len(set(distill.run_dirs)) == 105  # the paper's grid, distinct cells
-    assert all(d.parent == tmp_path / "gpt2-xl_gpt2" and "-gpt2-s" in d.name for d in distill.run_dirs)
+    assert len(distill.cells) == 7 * 5 * 3 and distill.sweep_dir == tmp_path / "gpt2-xl_gpt2"  # the paper's grid
+    # a cell's identity includes the teacher's weights: its dir is known once the teacher SFT exported them
+    assert distill.run_dirs == [None] * 105 and not distill.finished
     # the three GPT-2 recipes share the teacher's stage (one SFT, trained once)
-    medium = compose(["recipe=gpt2-xl_gpt2-medium/teacher", f"paths.root={tmp_path}", "data.dir=/d"])
+    medium = compose(["recipe=gpt2-xl_gpt2-medium/teacher", f"paths.root={tmp_path}", f"data.dir={MINILLM}"])
     assert pipeline.locate(medium) == teacher.run_dirs[0]
 
 
 def test_grid_overrides_replace_the_recipes_grid_key_by_key(tmp_path):
-    cells = pipeline.plan("gpt2-xl_gpt2", tmp_path, grid=["divergence=fkl,rkl", "seed=0"])["distill"].cells
+    cells = pipeline.plan("gpt2-xl_gpt2", tmp_path, [f"data.dir={MINILLM}"], grid=["divergence=fkl,rkl", "seed=0"])[
+        "distill"].cells
     assert len(cells) == 2 * 5 and ["divergence=fkl", "tau=0.5", "seed=0"] in cells
 
 
@@ -58,7 +62,7 @@ def test_commands_local_one_after_the_other_slurm_one_array_for_both_sft_stages(
                               hydra_overrides=["hydra.launcher.partition=gpu"])
     (title, sft), (_, grid) = slurm
     assert title == "teacher+student" and "recipe=gpt2-xl_gpt2/teacher,gpt2-xl_gpt2/student" in sft
-    assert {"-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "data.dir=/d"} <= set(sft)
+    assert {"-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"data.dir={MINILLM}"} <= set(sft)
     assert {"-m", "hydra/launcher=slurm", "tau=1.0"} <= set(grid)
     assert "hydra.launcher.partition=gpu" not in stages["teacher"].overrides  # launcher keys only go to -m runs
 
