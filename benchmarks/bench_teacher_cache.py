@@ -16,7 +16,9 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
       student-only  every cell is SFT (loss.kd_ratio=0, no teacher at all): the floor a distillation grid can reach.
       live teacher  every cell loads the teacher and runs its forward at every step (loss.teacher_cache=false).
       cache         `TeacherCache.build_or_load` computes the cache ONCE (timed), then every cell loads the teacher
-                    (the job still does, for validation) and the cache file, and reads its batches from the cache.
+                    (the job still does, for validation) and the cache file, and reads its batches from the cache
+                    (--cache-kind: by default the job's `auto` choice, the teacher's final hidden states, to which
+                    the teacher's head is applied at each step; `logits` = the full log-probs).
     Each step is the job's loop body (`bench_train.job_step`, a mirror of distill/train.py's loop) on a DeepSpeed
     engine (ZeRO-0, fp32, world size 1), so the costs are the job's own. Within each cell the three variants step
     through the same batches, interleaved one step at a time in a shuffled order per round (after --warmup discarded
@@ -28,7 +30,7 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
 
 (b) Top-k approximation. On the first --topk-examples training examples, the teacher's tau=1 log-probs at every
     response position are computed by `distill.teacher_cache.compute` exactly (topk=None) and as top-k for each k,
-    and the top-k rows are rebuilt by `TeacherCache.rows` (top-k exact, the remaining mass spread uniformly), i.e.
+    and the top-k rows are rebuilt by `rebuild_topk` (top-k exact, the remaining mass spread uniformly), i.e.
     exactly what a cell would train on. For fkl, rkl and jsd at each tau, the distillation loss
     (`distill.losses.distillation_loss`, tau^2 on, mean over positions) of the student's logits against the exact
     and the rebuilt teacher gives |L_k - L| / L, and the gradient w.r.t. the student's logits gives
@@ -120,7 +122,7 @@ def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, dev
     """Measure the three grid variants (see the module docstring); return the markdown report lines."""
     from distill import engine as eng
     from distill import models
-    from distill.teacher_cache import TeacherCache
+    from distill.teacher_cache import TeacherCache, resolve_kind
 
     pad_id = tokenizer.pad_token_id
     cfg0 = bt.compose(base + [f"model.teacher.path={teacher_dir}", "loss.teacher_cache=true"])
@@ -130,14 +132,18 @@ def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, dev
         t = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
         return t.requires_grad_(False).eval().to(device)
 
+    teacher = load_teacher(cfg0)
+    vocab, hidden = teacher.get_output_embeddings().weight.shape
+    kind = args.cache_kind if args.cache_kind != "auto" else resolve_kind(
+        "auto", hidden_size=hidden, vocab_size=vocab, dtype=dtype)
+
     def build_or_load(cfg, teacher):
         return TeacherCache.build_or_load(Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex,
-                                          pad_id=pad_id, batch_size=mbs, topk=None, device=device, dtype=dtype,
+                                          pad_id=pad_id, batch_size=mbs, kind=kind, device=device, dtype=dtype,
                                           progress=False)
 
-    teacher = load_teacher(cfg0)
     cache, build_wall, build_cpu = timed(lambda: build_or_load(cfg0, teacher))
-    cache_mb = (cache.logprobs.numel() * 4 + cache.offsets.numel() * 8) / 2**20
+    cache_mb = cache.nbytes / 2**20
     del cache, teacher
 
     variants = ("student-only", "live teacher", "cache")
@@ -181,7 +187,7 @@ def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, dev
 
     g = len(args.taus)
     lines = [f"grid: fkl, tau in {args.taus} ({g} cells), {steps} steps per cell ({args.warmup} warm-up + "
-             f"{args.rounds} measured, interleaved 1 step at a time); cache: full log-probs, {cache_mb:.0f} MB, "
+             f"{args.rounds} measured, interleaved 1 step at a time); cache: {kind}, {cache_mb:.1f} MB, "
              f"one-time build {build_wall:.1f} s wall / {build_cpu:.1f} s CPU", "",
              "| variant | wall s/step | CPU s/step | fixed per cell, wall s | grid wall s | grid / student-only (wall) "
              "| grid CPU s | grid / student-only (CPU) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -254,20 +260,19 @@ def loss_and_grad(s_rows: torch.Tensor, t_rows: torch.Tensor, divergence: str, t
 def topk_error(args, teacher_dir: Path, student_dir: Path, train_ex, tokenizer, device) -> list[str]:
     """Loss/gradient error of the top-k cache vs the exact teacher, and tail mass outside the top-k."""
     from distill import models
-    from distill.teacher_cache import TeacherCache, compute
+    from distill.teacher_cache import compute, rebuild_topk
 
     pad_id = tokenizer.pad_token_id
     examples = train_ex[: args.topk_examples]
     teacher = models.load_model(teacher_dir, torch.float32).eval().to(device)
     student = models.load_model(student_dir, torch.float32).eval().to(device)
     vocab = teacher.get_output_embeddings().weight.shape[0]
-    exact = compute(teacher, examples, pad_id=pad_id, batch_size=32, topk=None, device=device)["logprobs"]
+    exact = compute(teacher, examples, pad_id=pad_id, batch_size=32, kind="logits", device=device)["values"]
     s_rows = student_rows(student, examples, pad_id)
     approx = {}
     for k in args.ks:
-        cache = TeacherCache(compute(teacher, examples, pad_id=pad_id, batch_size=32, topk=k, device=device),
-                             vocab, key=f"top{k}")
-        approx[k] = torch.cat([cache.rows(i) for i in range(len(examples))])
+        top = compute(teacher, examples, pad_id=pad_id, batch_size=32, kind="topk", topk=k, device=device)
+        approx[k] = rebuild_topk(top["values"], top["topk_ids"], top["tail_mass"], vocab)
     if s_rows.shape != exact.shape:
         raise RuntimeError(f"student rows {tuple(s_rows.shape)} != teacher rows {tuple(exact.shape)}")
 
@@ -323,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--taus", type=floats, default=[1.0, 2.0, 4.0], help="(a) the grid's taus (default 1,2,4)")
     p.add_argument("--warmup", type=int, default=3, help="(a) discarded steps per variant and cell (default 3)")
     p.add_argument("--rounds", type=int, default=30, help="(a) measured steps per variant and cell (default 30)")
+    p.add_argument("--cache-kind", choices=("auto", "hidden", "logits"), default="auto",
+                   help="(a) the cache's form (default auto: the job's choice, hidden states at these sizes)")
     p.add_argument("--ks", type=ints, default=[8, 32, 128], help="(b) top-k sizes (default 8,32,128)")
     p.add_argument("--topk-taus", type=floats, default=[1.0, 2.0, 4.0, 8.0], help="(b) taus (default 1,2,4,8)")
     p.add_argument("--divergences", default="fkl,rkl,jsd", help="(b) divergences (default fkl,rkl,jsd)")

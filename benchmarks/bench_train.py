@@ -154,6 +154,7 @@ def job_step(cfg, engine, teacher, cache, train_ex: list[dict], pad_id: int, ste
              device: torch.device) -> Clock:
     """One optimizer step exactly as the loop in `distill/train.py` does it (keep in sync), minus logging."""
     from distill.data import collate_train
+    from distill.models import output_head
     from distill.train import _all_reduce_sum, batch_loss, response_mask, sample_indices
 
     from distill.config import batch_plan
@@ -172,7 +173,10 @@ def job_step(cfg, engine, teacher, cache, train_ex: list[dict], pad_id: int, ste
         batch = {k: v.to(device) for k, v in batch.items()}
         s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t_logits = None
-        if cache is not None:
+        if cache is not None and cache.kind == "hidden":  # the teacher's head on its cached final hidden states
+            with torch.no_grad():
+                t_logits = output_head(teacher).logits(cache.batch_hidden(idx, batch["labels"]))
+        elif cache is not None:
             t_logits = cache.batch_logits(idx, batch["labels"])
         elif teacher is not None:
             with torch.no_grad():

@@ -9,7 +9,11 @@ The peak extra memory is then one chunk's float32 intermediates plus that gradie
 * ``chunked_distillation_loss``: takes logits, like ``distillation_loss``.
 * ``fused_distillation_loss``: takes last hidden states and output-layer weights and never materialises the
   full [N, V] logits: logits are built per chunk, and the gradients w.r.t. the student's hidden states,
-  output weight and bias are accumulated chunk by chunk. Works for every objective.
+  output weight and bias are accumulated chunk by chunk. Works for every objective. What an architecture does
+  to ``hidden @ W.T + b`` before the softmax (Cohere's logit scale, Gemma 2's final softcapping) is a
+  ``LogitTransform`` applied inside each chunk, for the student (differentiated through) and the teacher.
+* ``head_logits``: the same head (weight, bias, transform) applied to hidden states in one go, for callers that
+  want the full logits (a hidden-state teacher cache read by the plain or chunked loss).
 * ``loss_fn_for(impl)``: "plain" | "chunked" -> a callable with ``distillation_loss``'s signature.
 
 The teacher is treated as a constant (no gradient flows to teacher logits, hidden states or weights), and
@@ -19,7 +23,7 @@ the gradient is computed during the forward pass, so backward may run only once 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +41,45 @@ from distill.losses import (
     resolve_params,
 )
 
-__all__ = ["IMPLS", "chunked_distillation_loss", "fused_distillation_loss", "loss_fn_for"]
+__all__ = ["IMPLS", "LogitTransform", "chunked_distillation_loss", "fused_distillation_loss", "head_logits",
+           "loss_fn_for"]
 
 IMPLS = ("plain", "chunked")
+
+
+class LogitTransform(NamedTuple):
+    """What a model does to ``hidden @ W.T + b`` before its softmax: z -> softcap * tanh(scale * z / softcap).
+
+    ``scale`` multiplies (Cohere's ``logit_scale``; Granite's ``1 / logits_scaling``); ``softcap`` is Gemma 2/3's
+    ``final_logit_softcapping`` (None = no capping). The default is the identity. Computed in float32.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        if self.is_identity:
+            return z
+        z = z.float()
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+
+_IDENTITY = LogitTransform()
+
+
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
+                transform: LogitTransform | None = None) -> Tensor:
+    """Logits of an output head: ``transform(hidden @ weight.T + bias)`` (in the weight's dtype when the transform
+    is the identity, else float32)."""
+    return (transform or _IDENTITY)(F.linear(hidden, weight, bias))
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -157,7 +197,7 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, t_hidden, t_weight, t_bias, rows, spec, chunk_size, scale):
-        name, tau_s, tau_t, params = spec
+        name, tau_s, tau_t, params, s_map, t_map = spec
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         # Weight/bias gradients summed over chunks in float32, cast once at the end.
@@ -166,13 +206,14 @@ class _FusedLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for idx in _chunks(rows, hidden.shape[0], chunk_size):
             h = _take(hidden, idx)
-            t_logits = F.linear(_take(t_hidden, idx), t_weight, t_bias)
+            t_logits = head_logits(_take(t_hidden, idx), t_weight, t_bias, t_map)
             logits, t_logits = align_vocab(F.linear(h, weight, bias), t_logits)
             with torch.enable_grad():
-                # Differentiate w.r.t. the float32 logits; the matmul backward is done by hand below so
-                # that weight gradients accumulate in place (no [V, H] temporary per chunk).
+                # Differentiate w.r.t. the float32 pre-transform logits (through the transform); the matmul
+                # backward is done by hand below so that weight gradients accumulate in place (no [V, H]
+                # temporary per chunk).
                 z = logits.detach().float().requires_grad_(True)
-                value = per_token(name, z, t_logits.detach(), tau_s, tau_t, params).sum() * scale
+                value = per_token(name, s_map(z), t_logits.detach(), tau_s, tau_t, params).sum() * scale
                 (dz,) = torch.autograd.grad(value, z)
             if need_h:
                 _put(grad_h, idx, dz.to(weight.dtype) @ weight)
@@ -204,14 +245,16 @@ def fused_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teac
                             teacher_weight: Tensor, mask: Tensor, *, divergence: str, tau: float,
                             chunk_size: int = 1024, tau_target: str = "both", tau_squared: bool = True,
                             num_tokens=None, student_bias: Tensor | None = None,
-                            teacher_bias: Tensor | None = None, **params) -> Tensor:
-    """``distillation_loss`` on logits = hidden @ weight.T (+ bias), built chunk by chunk, never in full.
+                            teacher_bias: Tensor | None = None, student_transform: LogitTransform | None = None,
+                            teacher_transform: LogitTransform | None = None, **params) -> Tensor:
+    """``distillation_loss`` on logits = transform(hidden @ weight.T (+ bias)), built chunk by chunk, never in full.
 
     Args:
         student_hidden, teacher_hidden: [..., H_s] and [..., H_t] last hidden states (same leading shape).
         student_weight, teacher_weight: [V_s, H_s] and [V_t, H_t] output-layer (lm_head) weights; V_t >= V_s
             follows the vocabulary rule of ``distill.losses.align_vocab``.
         mask: bool/integer [...] positions that count. Other arguments as in ``distillation_loss``.
+        student_transform, teacher_transform: each model's logit scaling / softcapping (None = identity).
 
     Gradients flow to the student's hidden states, weight and bias (not to the teacher's).
     """
@@ -231,7 +274,7 @@ def fused_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teac
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     scale = _scale_value(loss_scale(tau, tau_squared, count, num_tokens))
-    spec = (divergence, tau_s, tau_t, params)
+    spec = (divergence, tau_s, tau_t, params, student_transform or _IDENTITY, teacher_transform or _IDENTITY)
     return _FusedLoss.apply(hidden, student_weight, student_bias, t_hidden, teacher_weight, teacher_bias,
                             rows, spec, chunk_size, scale)
 

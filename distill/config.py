@@ -30,6 +30,7 @@ _IMPLS = ("plain", "chunked", "fused")
 _TAU_TARGETS = ("both", "teacher")
 SELECTIONS = ("last", "loss", "rougeL")   # trainer.select: which evaluation's checkpoint is the result
 EPOCH = "epoch"                           # trainer.eval_every / ckpt_every: once per epoch
+_CACHE_SETTINGS = (False, True, "auto", "hidden", "logits")  # distill.teacher_cache.SETTINGS
 
 
 def _looks_local(path: str) -> bool:
@@ -66,15 +67,25 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(_TAU_TARGETS)}")
     if loss.impl not in _IMPLS:
         out.append(f"loss.impl={loss.impl!r}: must be one of {list(_IMPLS)}")
+    cache, topk = loss.get("teacher_cache", False), loss.get("teacher_cache_topk")
+    if cache not in _CACHE_SETTINGS:
+        out.append(f"loss.teacher_cache={cache!r}: must be one of false, true, auto (the smaller exact form when "
+                   "model.teacher.path is set), hidden, logits")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
+        out.append(f"loss.teacher_cache_topk={topk!r}: must be null (exact) or an integer k >= 1")
     if loss.impl == "fused":
         if float(loss.kd_ratio) != 1.0:
             out.append(f"loss.impl=fused computes only the distillation term: use loss.kd_ratio=1 (got {loss.kd_ratio})")
-        if t.zero_stage == 3:
-            out.append("loss.impl=fused needs the full output weights on every rank: use trainer.zero_stage <= 2")
-        if loss.get("teacher_cache"):
-            out.append("loss.impl=fused runs the teacher's hidden states: it cannot use loss.teacher_cache=true")
-    if loss.get("teacher_cache") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
-        out.append("loss.teacher_cache=true needs model.teacher.path (the cache is keyed by the teacher's files)")
+        if cache == "logits" or (cache and topk is not None):
+            out.append("loss.impl=fused reads the teacher's hidden states: use loss.teacher_cache=hidden (or auto), "
+                       "not a log-prob cache (logits / teacher_cache_topk)")
+    if cache in (True, "hidden", "logits") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
+        out.append(f"loss.teacher_cache={str(cache).lower()} needs model.teacher.path (the cache is keyed by the teacher's files); "
+                   "auto uses the live teacher when there is no path")
+    shard = cfg.model.teacher.get("shard", False)
+    if not isinstance(shard, bool):
+        out.append(f"model.teacher.shard={shard!r}: must be true (partition the teacher across ranks, ZeRO-3 "
+                   "inference) or false (a full copy per rank)")
     if cfg.divergence.name not in DIVERGENCES:
         out.append(f"divergence={cfg.divergence.name!r}: must be one of {list(DIVERGENCES)}")
     elif isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau):

@@ -6,6 +6,7 @@ The job runs the same way as one plain process, under torchrun, and as N tasks u
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
@@ -159,6 +160,65 @@ def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: i
     # code on resume. Every load of this engine (module, optimizer, ZeRO shards) goes through ours.
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
     return engine
+
+
+def frozen_zero3_config(trainer: Mapping[str, Any]) -> dict:
+    """The DeepSpeed JSON for a frozen model partitioned across ranks (ZeRO-3 inference): no optimizer."""
+    precision = trainer["precision"]
+    return {
+        "train_micro_batch_size_per_gpu": int(trainer["micro_batch_size"]),
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wandb": {"enabled": False},
+    }
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict):
+    """While open, `from_pretrained` builds models under `deepspeed.zero.Init`: each rank materialises only its
+    partition of the weights, so a teacher larger than one device's memory can be loaded."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference: alive while this lives
+    try:
+        yield
+    finally:
+        del hf_config
+
+
+def shard_frozen(model: torch.nn.Module, trainer: Mapping[str, Any]):
+    """Partition a frozen model (the teacher) across ranks with ZeRO-3 inference; return its DeepSpeed engine.
+
+    Use `engine.module` for forwards: parameters are gathered layer by layer for each forward and released
+    after, so every rank must run the same number of forwards. Keep the engine alive as long as the model.
+    """
+    import deepspeed
+
+    model.requires_grad_(False).eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=frozen_zero3_config(trainer))
+    engine.module.eval()
+    return engine
+
+
+def call_as_forward(module: torch.nn.Module, fn, *args):
+    """`fn(*args)` run as `module`'s forward.
+
+    A loss that reads a module's parameters outside that module's forward (the fused loss reading the
+    student's output head) gets, this way, what ZeRO-3 gives any forward: the module's partitioned parameters
+    gathered for the call, gathered again for its backward, and their gradients reduced into the partitions.
+    Under ZeRO 0-2 it is a plain call.
+    """
+    own = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -6,14 +6,18 @@ Everything loads weights-only (safetensors, which `save_pretrained` writes by de
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.chunked_losses import LogitTransform, head_logits
 from distill.config import InputError
 
 log = logging.getLogger(__name__)
@@ -127,9 +131,10 @@ def vocab_problem(v_student: int, v_teacher: int | None, n_tokenizer: int) -> st
 
 
 def check_vocab(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Teacher/student must share the tokenizer; the teacher may have extra (padded) rows, never fewer."""
-    v_s = student.get_output_embeddings().weight.shape[0]
-    v_t = teacher.get_output_embeddings().weight.shape[0]
+    """Teacher/student must share the tokenizer; the teacher may have extra (padded) rows, never fewer.
+    Shapes are read through ZeRO-3 partitioning (a sharded teacher)."""
+    v_s = param_shape(student.get_output_embeddings().weight)[0]
+    v_t = param_shape(teacher.get_output_embeddings().weight)[0]
     problem = vocab_problem(v_s, v_t, len(tokenizer))
     if problem:
         raise ValueError(problem)
@@ -162,7 +167,125 @@ def check_vocab_configs(model_cfg: Mapping[str, Any], tokenizer: PreTrainedToken
 
 
 def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def param_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it (its local data is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def gathered(params: list[torch.Tensor | None]):
+    """Context in which ZeRO-3-partitioned `params` hold their full data on every rank (read-only; a no-op
+    for ordinary parameters). Collective when it gathers: every rank must enter it."""
+    params = [p for p in params if p is not None]
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+# --------------------------------------------------------------------------------------------- output head
+def logit_transform(config) -> LogitTransform:
+    """The logit scaling / softcapping an architecture applies after its output head, read from its config.
+
+    Cohere: ``logits * logit_scale``; Granite: ``logits / logits_scaling``; Gemma 2/3:
+    ``cap * tanh(logits / cap)`` with ``cap = final_logit_softcapping``. `check_output_head` verifies the
+    result against the model's own forward, so an architecture doing something else is caught, not guessed.
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None) is not None:
+        scale /= float(cfg.logits_scaling)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return LogitTransform(scale=scale, softcap=float(cap) if cap else None)
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as the fused loss and the hidden-state cache see it: the head module (its
+    weight and bias) and the transform applied to its output. `logits(hidden)` equals the model's logits."""
+
+    module: torch.nn.Module
+    transform: LogitTransform
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None)
+
+    def loss_kwargs(self, role: str) -> dict[str, Any]:
+        """`fused_distillation_loss` keyword arguments for `role` ("student" | "teacher"), weight excluded."""
+        return {f"{role}_bias": self.bias, f"{role}_transform": self.transform}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits from final hidden states (gathers ZeRO-3-partitioned weights for the matmul)."""
+        with gathered([self.weight, self.bias]):
+            return head_logits(hidden, self.weight, self.bias, self.transform)
+
+
+def output_head(model: PreTrainedModel) -> OutputHead:
+    """`model`'s output head: its lm_head module and its architecture's logit transform."""
+    module = model.get_output_embeddings()
+    if module is None or not hasattr(module, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output head with a weight (get_output_embeddings())")
+    return OutputHead(module, logit_transform(model.config))
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 forward: Callable | None = None) -> torch.Tensor:
+    """Final hidden states [B, T, H] (after the final norm: what the output head reads) from one forward.
+
+    `forward` is what to call (default `model`; pass the DeepSpeed engine that wraps it, so its hooks run).
+    The base model's output is captured by a hook and the head computes the logits of one position only
+    (`logits_to_keep=1`), so neither the full logits nor every layer's hidden states are kept.
+    """
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    # The base model (GPT-2, Llama...) or its decoder (OPT's head calls model.decoder directly) returns them.
+    bodies = {id(m): m for m in (model.base_model, model.get_decoder()) if m is not model}
+    captured: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _a, out: captured.append(out[0])) for m in bodies.values()]
+    try:
+        if not handles:
+            return (forward or model)(**kwargs, output_hidden_states=True).hidden_states[-1]
+        out = (forward or model)(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not captured:  # an architecture that bypasses both: ask for the hidden states instead
+        return (forward or model)(**kwargs, output_hidden_states=True).hidden_states[-1]
+    del out
+    return captured[-1]
+
+
+@torch.no_grad()
+def check_output_head(model: PreTrainedModel, head: OutputHead, role: str) -> None:
+    """Raise ValueError unless `head.logits(final_hidden(...))` reproduces `model`'s own logits on a probe.
+
+    Guards the fused loss and the hidden-state cache against an architecture whose head does something
+    `logit_transform` does not model. Collective under ZeRO-3 (every rank must call it).
+    """
+    vocab = param_shape(head.weight)[0]
+    device = next(model.parameters()).device
+    ids = (torch.arange(8, device=device) * 7919 % vocab).view(1, -1)  # a few spread-out token ids
+    want = model(input_ids=ids).logits.float()
+    got = head.logits(final_hidden(model, ids)).float()
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 3e-2
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol * max(1.0, want.abs().max().item())):
+        err = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+        raise ValueError(
+            f"the {role}'s output head ({type(model).__name__}, transform {head.transform}) does not reproduce "
+            f"its logits (max error {err:.3g}): this architecture post-processes its logits in a way "
+            "distill.models.logit_transform does not know; use loss.impl=plain and loss.teacher_cache=logits or false"
+        )
 
 
 # --------------------------------------------------------------------------------------------- real checkpoints offline
@@ -280,3 +403,4 @@ def first_layers(model_dir: str | Path, n_layers: int, out_dir: str | Path) -> P
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+

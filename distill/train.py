@@ -32,6 +32,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ from distill.chunked_losses import fused_distillation_loss, loss_fn_for
 from distill.config import ConfigError, InputError, Schedule
 from distill.config import schedule as resolve_schedule
 from distill.config import validate as check_config
-from distill.teacher_cache import TeacherCache
+from distill.teacher_cache import TeacherCache, resolve_kind
 from distill import tracking
 from distill.tracking import Tracker, truncate_log
 
@@ -124,19 +125,33 @@ def batch_loss(cfg: DictConfig, student_logits: torch.Tensor, teacher_logits: to
     return kd_ratio * kd + (1.0 - kd_ratio) * ce, {"ce": ce.item(), "kd": kd.item()}
 
 
-def fused_batch_loss(cfg: DictConfig, engine, teacher, batch: dict, num_tokens: float):
-    """The distillation loss from last hidden states and output weights: full logits never exist."""
+def fused_batch_loss(cfg: DictConfig, engine, teacher, batch: dict, num_tokens: float,
+                     teacher_hidden: torch.Tensor | None = None):
+    """The distillation loss from final hidden states and output heads: full logits never exist.
+
+    `teacher_hidden` comes from the hidden-state cache; without it the live teacher runs. Each head brings its
+    bias and logit scaling / softcapping. Under ZeRO-3 the loss runs as the student head's forward, so DeepSpeed
+    gathers the head's weight for it and for its backward and reduces its gradient into the partitions; a
+    teacher partitioned across ranks (model.teacher.shard) has its head gathered for the call.
+    """
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    # logits_to_keep=1: the model computes logits for the last position only; we need its hidden states.
-    s_hidden = engine(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    with torch.no_grad():
-        t_hidden = teacher(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    s_head, t_head = engine.module.get_output_embeddings(), teacher.get_output_embeddings()
-    kd = fused_distillation_loss(
-        s_hidden[:, :-1], s_head.weight, t_hidden[:, :-1], t_head.weight, response_mask(batch["labels"]),
-        chunk_size=int(cfg.loss.chunk_size), student_bias=s_head.bias, teacher_bias=t_head.bias,
-        **_kd_kwargs(cfg, num_tokens),
-    )
+    student = engine.module
+    s_hidden = models.final_hidden(student, **inputs, forward=engine)
+    if teacher_hidden is None:
+        with torch.no_grad():
+            teacher_hidden = models.final_hidden(teacher, **inputs)
+    s_head, t_head = models.output_head(student), models.output_head(teacher)
+    mask = response_mask(batch["labels"])
+
+    def loss(hidden: torch.Tensor) -> torch.Tensor:
+        with models.gathered([t_head.weight, t_head.bias]):
+            return fused_distillation_loss(
+                hidden[:, :-1], s_head.weight, teacher_hidden[:, :-1], t_head.weight, mask,
+                chunk_size=int(cfg.loss.chunk_size), **s_head.loss_kwargs("student"),
+                **t_head.loss_kwargs("teacher"), **_kd_kwargs(cfg, num_tokens),
+            )
+
+    kd = eng.call_as_forward(s_head.module, loss, s_hidden)
     return kd, {"kd": kd.item()}
 
 
@@ -215,13 +230,14 @@ class Cell:
     train_examples: list[dict]   # encoded train split; `sample_indices` draws from it
     val_batches: list[dict]      # collated, the same number per rank
     engine: Any                  # the student under DeepSpeed (None once `finish` exported it)
-    teacher: torch.nn.Module | None    # frozen, outside DeepSpeed; None for SFT (kd_ratio=0)
+    teacher: torch.nn.Module | None    # frozen, outside DeepSpeed (or partitioned: model.teacher.shard); None for SFT
     cache: TeacherCache | None         # the teacher's outputs on `train_examples` (loss.teacher_cache)
     tracker: Tracker
     metrics: dict[str, Any]      # what metrics.json will hold
     progress: Progress
     rollout: rollout_mod.Rollout  # where each step's sequences come from, with its checkpointed state
     bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
+    teacher_engine: Any = None   # the DeepSpeed engine holding a partitioned teacher (model.teacher.shard)
 
 
 def init_process(cfg: DictConfig) -> tuple[int, int, torch.device]:
@@ -381,8 +397,8 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        teacher, cache, engine, train_ex, sched = _build_models(cfg, tokenizer, train_ex, device=device, rank=rank,
-                                                                world=world)
+        teacher, teacher_engine, cache, engine, train_ex, sched = _build_models(
+            cfg, tokenizer, train_ex, device=device, rank=rank, world=world)
         progress = _resume(engine, rdir, rank)
         if rank == 0:
             truncate_log(tracker.log_path, progress.step)  # a redone step is logged once
@@ -407,7 +423,8 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
     return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, schedule=sched, splits=splits,
                 tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
-                tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar)
+                tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar,
+                teacher_engine=teacher_engine)
 
 
 def _open_run_dir(cfg: DictConfig, rdir: Path, rank: int) -> Path:
@@ -513,40 +530,78 @@ def _batch_info(sched: Schedule) -> dict[str, Any]:
 
 
 def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
-                  world: int) -> tuple[torch.nn.Module | None, TeacherCache | None, Any, list[dict], Schedule]:
-    """(teacher, teacher cache, student engine, training examples, schedule). The teacher is frozen, in eval
-    mode, outside DeepSpeed; there is none at all for SFT (kd_ratio=0). With rollout=seq_kd the training examples
-    are the teacher's cached samples (and the teacher cache, if any, is computed on those). The schedule (global
-    batch split over `world` ranks, epochs -> steps) counts the final training examples."""
+                  world: int) -> tuple[torch.nn.Module | None, Any, TeacherCache | None, Any, list[dict], Schedule]:
+    """(teacher, its DeepSpeed engine when partitioned, teacher cache, student engine, training examples, schedule:
+    the global batch split over `world` ranks, epochs -> steps, counting the final training examples).
+
+    The teacher is frozen and in eval mode: a full copy per rank outside DeepSpeed, or, with
+    model.teacher.shard, partitioned across ranks by ZeRO-3 inference (loaded under zero.Init from a path, so no
+    rank ever holds all of it). There is none at all for SFT (kd_ratio=0). With rollout=seq_kd the training
+    examples are the teacher's cached samples (and the teacher cache, if any, is computed on those).
+    """
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
     if tcfg.get("gradient_checkpointing"):
         student.gradient_checkpointing_enable()
-    teacher = cache = None
-
-    def load_teacher() -> torch.nn.Module:
-        model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
-        return model.requires_grad_(False).eval().to(device)
-
+    if cfg.loss.impl == "fused":
+        models.check_output_head(student, models.output_head(student), "student")
+    teacher = teacher_engine = cache = None
     if cfg.loss.kd_ratio > 0:
-        teacher = load_teacher()
+        teacher, teacher_engine = _build_teacher(cfg, tokenizer, dtype, device)
         models.check_vocab(student, teacher, tokenizer)
     if (cfg.get("rollout") or {}).get("name") == "seq_kd":
+        def load_teacher() -> torch.nn.Module:
+            model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
+            return model.requires_grad_(False).eval().to(device)
+
         train_ex = rollout_mod.seq_kd_examples(
             Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
             load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
         )
     sched = resolve_schedule(tcfg, world, len(train_ex))
-    if teacher is not None and cfg.loss.teacher_cache:
-        cache = TeacherCache.build_or_load(
-            Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=tokenizer.pad_token_id,
-            batch_size=sched.batch.micro, topk=cfg.loss.get("teacher_cache_topk"), device=device,
-            dtype=dtype, progress=rank == 0 and bool(tcfg.progress),
-        )
-    return teacher, cache, eng.initialize(student, tcfg, world, max_steps=sched.max_steps, plan=sched.batch), \
-        train_ex, sched
+    if teacher is not None:
+        cache = _teacher_cache(cfg, teacher, train_ex, pad_id=tokenizer.pad_token_id, dtype=dtype, device=device,
+                               rank=rank)
+    engine = eng.initialize(student, tcfg, world, max_steps=sched.max_steps, plan=sched.batch)
+    return teacher, teacher_engine, cache, engine, train_ex, sched
+
+
+def _teacher_cache(cfg: DictConfig, teacher, train_ex: list[dict], *, pad_id: int, dtype: torch.dtype,
+                   device: torch.device, rank: int) -> TeacherCache | None:
+    """The teacher's outputs on `train_ex` in the form loss.teacher_cache asks for (None: the live teacher)."""
+    t_head = models.output_head(teacher)
+    vocab, hidden = (int(x) for x in models.param_shape(t_head.weight))
+    setting = cfg.loss.teacher_cache
+    if setting == "auto" and not cfg.model.teacher.get("path"):
+        setting = False  # the cache is keyed by the teacher's files: a teacher built from sizes runs live
+    kind = resolve_kind(setting, hidden_size=hidden, vocab_size=vocab, dtype=dtype,
+                        topk=cfg.loss.get("teacher_cache_topk"))
+    if kind == "logits" and cfg.loss.impl == "fused" and cfg.loss.teacher_cache in (True, "auto"):
+        kind = "hidden"  # the fused loss reads hidden states, whichever form would be smaller
+    if cfg.loss.impl == "fused" or kind == "hidden":
+        models.check_output_head(teacher, t_head, "teacher")  # its head will make the logits
+    if kind is None:
+        return None
+    return TeacherCache.build_or_load(
+        Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=pad_id,
+        batch_size=int(cfg.trainer.micro_batch_size), kind=kind, topk=cfg.loss.get("teacher_cache_topk"),
+        device=device, dtype=dtype, progress=rank == 0 and bool(cfg.trainer.progress),
+    )
+
+
+def _build_teacher(cfg: DictConfig, tokenizer, dtype: torch.dtype, device: torch.device):
+    """(teacher, None), or with model.teacher.shard (teacher partitioned by ZeRO-3 inference, its engine)."""
+    max_len, seed = int(cfg.data.max_length), int(cfg.seed) + 1
+    if not cfg.model.teacher.get("shard", False):
+        teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=seed)
+        return teacher.requires_grad_(False).eval().to(device), None
+    ds_config = eng.frozen_zero3_config(cfg.trainer)
+    with eng.zero3_loading(ds_config) if cfg.model.teacher.get("path") else contextlib.nullcontext():
+        teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=seed)
+    teacher_engine = eng.shard_frozen(teacher, cfg.trainer)
+    return teacher_engine.module, teacher_engine
 
 
 def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, sched: Schedule, *, world: int,
@@ -661,15 +716,22 @@ def micro_batch_loss(cell: Cell, batch: dict, num_tokens: float, *,
     """Student forward, teacher logits (cache, live teacher or none) and the loss of one micro-batch."""
     ids = batch.get(EXAMPLE_IDS)
     batch = {k: v.to(cell.device) for k, v in batch.items() if k != EXAMPLE_IDS}
+    cache = cell.cache if ids is not None else None
+    t_hidden = None
+    if cache is not None and cache.kind == "hidden":
+        t_hidden = cache.batch_hidden(ids.tolist(), batch["labels"])
     if cell.cfg.loss.impl == "fused":
-        loss, parts = fused_batch_loss(cell.cfg, cell.engine, cell.teacher, batch, num_tokens)
+        loss, parts = fused_batch_loss(cell.cfg, cell.engine, cell.teacher, batch, num_tokens, t_hidden)
         lap("loss")
         return loss, parts
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     s_logits = cell.engine(**inputs).logits
     t_logits = None
-    if cell.cache is not None and ids is not None:
-        t_logits = cell.cache.batch_logits(ids.tolist(), batch["labels"])
+    if t_hidden is not None:
+        with torch.no_grad():
+            t_logits = models.output_head(cell.teacher).logits(t_hidden)
+    elif cache is not None:
+        t_logits = cache.batch_logits(ids.tolist(), batch["labels"])
     elif cell.teacher is not None:
         with torch.no_grad():
             t_logits = cell.teacher(**inputs).logits
@@ -857,7 +919,7 @@ def finish(cell: Cell) -> dict[str, Any]:
     if cell.rank == 0:
         shutil.rmtree(cell.run_dir / SELECTED_DIR, ignore_errors=True)
     dist.barrier()
-    cell.engine = cell.teacher = cell.cache = None  # free them before evaluation
+    cell.engine = cell.teacher = cell.teacher_engine = cell.cache = None  # free them before evaluation
     if cell.rank == 0:  # evaluation uses no collectives: the other ranks are done
         _evaluate_and_record(cell, student_dir)
     cell.tracker.finish(0)

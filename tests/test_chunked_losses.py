@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from distill.chunked_losses import chunked_distillation_loss, fused_distillation_loss, loss_fn_for
+from distill.chunked_losses import (LogitTransform, chunked_distillation_loss, fused_distillation_loss,
+                                    head_logits, loss_fn_for)
 from distill.losses import DIVERGENCES, distillation_loss
 
 PARAMS = {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}, "srkl": {"alpha": 0.2}, "akl": {"mu": 0.6},
@@ -158,6 +159,38 @@ def test_fused_equals_plain_on_logits(name, bias, v_t, full_mask):
     torch.testing.assert_close(w2.grad, 0.5 * w1.grad, rtol=1e-5, atol=1e-6)
     if bias:
         torch.testing.assert_close(b2.grad, 0.5 * b1.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("s_map", "t_map"), [(LogitTransform(scale=0.3), LogitTransform(softcap=2.0)),
+                                              (LogitTransform(softcap=1.5), LogitTransform(scale=1 / 8.0)),
+                                              (LogitTransform(scale=2.0, softcap=3.0), None)])
+def test_fused_applies_each_models_logit_scale_and_softcap(s_map, t_map):
+    """Cohere-style scaling and Gemma-2-style softcapping: same value and gradients as the transformed logits."""
+    hs, ws, bs, ht, wt, bt, mask = _fused_inputs(41)
+    ws, wt = 3 * ws, 3 * wt  # logits large enough for the cap to bite
+    kw = dict(divergence="jsd", tau=2.0)
+    h1, w1, b1 = _leaves(hs, ws, bs)
+    s_logits = s_map(torch.nn.functional.linear(h1, w1, b1))
+    t_logits = head_logits(ht, wt, bt, t_map)
+    assert s_map.softcap is None or s_logits.abs().max() <= s_map.softcap
+    want = distillation_loss(s_logits, t_logits, mask, **kw)
+    want.backward()
+    h2, w2, b2 = _leaves(hs, ws, bs)
+    got = fused_distillation_loss(h2, w2, ht, wt, mask, chunk_size=4, student_bias=b2, teacher_bias=bt,
+                                  student_transform=s_map, teacher_transform=t_map, **kw)
+    got.backward()
+    plain = fused_distillation_loss(hs, ws, ht, wt, mask, chunk_size=4, student_bias=bs, teacher_bias=bt, **kw)
+    assert abs(plain.item() - want.item()) > 1e-3  # the transforms change the loss: the test can fail
+    torch.testing.assert_close(got, want, **CLOSE)
+    for a, b in ((h2.grad, h1.grad), (w2.grad, w1.grad), (b2.grad, b1.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_logit_transform_identity_keeps_dtype_and_values():
+    z = torch.randn(4, 5, dtype=torch.bfloat16)
+    assert LogitTransform().is_identity and LogitTransform()(z) is z
+    capped = LogitTransform(softcap=0.5)(z)
+    assert capped.dtype == torch.float32 and capped.abs().max() < 0.5
 
 
 def test_fused_bf16_matches_plain_and_keeps_dtypes():

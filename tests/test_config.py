@@ -126,9 +126,21 @@ def test_hub_ids_are_not_mistaken_for_missing_paths():
     "overrides, message",
     [
         (["loss.impl=fused", "loss.kd_ratio=0.5"], "loss.impl=fused computes only the distillation term"),
-        (["loss.impl=fused", "trainer.zero_stage=3"], "use trainer.zero_stage <= 2"),
+        (["loss.impl=fused", "loss.teacher_cache=logits"], "loss.impl=fused reads the teacher's hidden states"),
+        (["loss.impl=fused", "loss.teacher_cache_topk=8"], "not a log-prob cache"),
         (["loss.teacher_cache=true"], "loss.teacher_cache=true needs model.teacher.path"),
+        (["loss.teacher_cache=hiden"], "loss.teacher_cache='hiden': must be one of false, true, auto"),
+        (["loss.teacher_cache_topk=0"], "loss.teacher_cache_topk=0: must be null (exact) or an integer k >= 1"),
+        (["model.teacher.shard=maybe"], "model.teacher.shard='maybe': must be true"),
     ],
 )
 def test_loss_implementation_constraints(overrides, message):
     assert any(message in p for p in problems(compose(["experiment=smoke", *overrides])))
+
+
+def test_fused_loss_and_teacher_cache_are_allowed_at_every_zero_stage():
+    for stage in (0, 1, 2, 3):
+        for cache in ("false", "auto", "hidden"):
+            cfg = compose(["experiment=smoke", "loss.impl=fused", f"trainer.zero_stage={stage}",
+                           f"loss.teacher_cache={cache}", "model.teacher.shard=true", "model.teacher.path=/tmp"])
+            assert problems(cfg) == [], (stage, cache)

@@ -69,3 +69,57 @@ def test_bad_sizes_and_precision(tiny_tokenizer):
         models.toy_config("mamba", {"n_layer": 1, "n_embd": 32, "n_head": 4}, tiny_tokenizer, 32)
     with pytest.raises(ValueError, match="precision 'fp8'"):
         models.torch_dtype("fp8")
+
+
+def _tiny_hf(kind: str):
+    """Tiny random causal LMs whose heads differ: plain, tied/untied, scaled (Cohere), softcapped (Gemma 2),
+    projected (OPT's project_out)."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, OPTConfig
+
+    common = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                  intermediate_size=64, vocab_size=97)
+    cfg = {
+        "gpt2": lambda: GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97, n_positions=32),
+        "llama": lambda: LlamaConfig(**common, tie_word_embeddings=False),
+        # a cap small enough to bite on random weights, so a missing softcap would be caught
+        "gemma2": lambda: Gemma2Config(**common, head_dim=16, final_logit_softcapping=0.05),
+        "cohere": lambda: CohereConfig(**common, logit_scale=0.3),
+        "opt": lambda: OPTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, ffn_dim=64,
+                                 vocab_size=97, word_embed_proj_dim=16),
+    }[kind]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2", "cohere", "opt"])
+def test_output_head_reproduces_the_models_logits(kind):
+    model = _tiny_hf(kind)
+    head = models.output_head(model)
+    expected = {"gemma2": (1.0, 0.05), "cohere": (0.3, None)}.get(kind, (1.0, None))
+    assert (head.transform.scale, head.transform.softcap) == pytest.approx(expected)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        hidden = models.final_hidden(model, ids, mask)
+        torch.testing.assert_close(head.logits(hidden), want, rtol=1e-5, atol=1e-5)
+        if kind in ("gemma2", "cohere"):  # the transform matters: without it the logits differ
+            assert not torch.allclose(torch.nn.functional.linear(hidden, head.weight, head.bias), want, atol=1e-3)
+    models.check_output_head(model, head, "teacher")
+
+
+def test_check_output_head_refuses_a_head_that_does_not_reproduce_the_logits():
+    model = _tiny_hf("gpt2")
+    wrong = models.OutputHead(model.get_output_embeddings(), models.LogitTransform(scale=2.0))
+    with pytest.raises(ValueError, match=r"teacher's output head \(GPT2LMHeadModel.*does not reproduce its logits"):
+        models.check_output_head(model, wrong, "teacher")
+
+
+def test_final_hidden_keeps_the_graph_for_the_student():
+    model = _tiny_hf("llama").train()
+    ids = torch.randint(0, 97, (2, 5))
+    hidden = models.final_hidden(model, ids)
+    assert hidden.shape == (2, 5, 32) and hidden.requires_grad
+    hidden.sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None

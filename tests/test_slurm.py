@@ -216,7 +216,8 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
     from distill import tracking, wandb_offline
 
     run_id = tracking.run_id(sweep_name, m["name"], m["signature"])
-    runs = sorted((out / sweep_name / "wandb").glob("offline-run-*"))
+    # the sweep's folder also holds the per-sweep report run (`<sweep>-report-sweep`): only the cell's runs here
+    runs = sorted((out / sweep_name / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) >= 2, runs  # one local run dir per attempt
     assert all(r.name.endswith(f"-{run_id}") and (r / f"run-{run_id}.wandb").exists() for r in runs), runs
     files = wandb_offline.run_files(out / sweep_name, run_id)
