@@ -311,9 +311,9 @@ def test_rollouts_get_their_own_rows_and_old_cells_count_as_offline(tmp_path):
     assert rows[("b", "fkl (rollout=offline)", 1.0)]["n"] == "2"  # the old cell joined the new one
     assert rows[("b", "jsd (rollout=on_policy λ=0.5)", 1.0)]["best"] == "1"
     assert float(rows[("b", "fkl-rkl (rollout=offline)", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
-    cell = report.record_from_wandb("r", "finished", {"divergence.name": "jsd", "tau": 1, "seed": 0,
-                                                      "rollout.name": "on_policy", "rollout.lmbda": 0.5},
-                                    {"eval.b.rougeL_mean": 40.0})
+    cell = report.record_from_wandb("r", "finished", {"divergence": {"name": "jsd"}, "tau": 1, "seed": 0,
+                                                      "rollout": {"name": "on_policy", "lmbda": 0.5}},
+                                    {"eval/b/rougeL": 40.0})   # nested config, slash summary (distill.tracking)
     assert cell.label_source["rollout"] == "on_policy λ=0.5"
 
 
