@@ -359,7 +359,8 @@ def test_generation_under_zero3_gathers_the_weights(tok, stage):
     plain = tiny_lm(tok, seed=4)
     sharded = copy.deepcopy(plain).train()
     trainer = dict(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=stage, lr=1e-3, betas=[0.9, 0.95],
-                   weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1)
+                   weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1,
+                   global_batch_size=2)
     engine = eng.initialize(sharded, trainer, 1)
     assert all(p.numel() == 0 for p in engine.module.parameters())  # really partitioned outside forwards
     prompts = prompts_of(tok)
@@ -490,7 +491,7 @@ def test_seq_kd_cells_share_one_file_of_teacher_samples(smoke_cfg, tmp_path):
               "rollout.sampling.max_new_tokens=12", "eval.max_examples=2"]
     seqkd = run_cell(smoke_cfg(*common, "loss.kd_ratio=0"))          # classic SeqKD: CE on the teacher's samples
     word = run_cell(smoke_cfg(*common, "divergence=rkl", "tau=2"))   # + the token-level divergence on them
-    assert seqkd["name"] == "sft-seqkd-toy-2x32-s0" and word["name"] == "rkl-tau2-seqkd-s0"
+    assert seqkd["name"] == "sft-seqkd-toy-2x32-s0" and word["name"] == "rkl-tau2-seqkd-toy-2x32-s0"
     assert seqkd["status"] == word["status"] == "completed" and word["cell"]["rollout"] == "seq_kd"
     assert len(list((tmp_path / "cache").glob("seqkd-*.safetensors"))) == 1
 

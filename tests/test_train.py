@@ -207,8 +207,8 @@ def test_wandb_run_of_a_resumed_cell_holds_every_step_once(smoke_cfg, monkeypatc
     cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
     real_after_step = train.after_step
 
-    def die_after_step_4(cell, result):   # step 4 is logged, the last checkpoint is at step 3
-        real_after_step(cell, result)
+    def die_after_step_4(cell, result, *rest):   # step 4 is logged, the last checkpoint is at step 3
+        real_after_step(cell, result, *rest)
         if result["step"] == 4:
             raise RuntimeError("killed after step 4")
 
