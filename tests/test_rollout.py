@@ -512,7 +512,8 @@ bias[7] = 50.0 if rank == 0 else -50.0   # rank 0 stops after one token, rank 1 
 model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
 plain = copy.deepcopy(model)
 trainer = dict(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=3, lr=1e-3, betas=[0.9, 0.95],
-               weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1)
+               weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1,
+               global_batch_size=2 * world)
 engine = eng.initialize(model, trainer, world)
 prompts = [[1, 2, 3, 4], [5, 6]] if rank == 0 else [[9, 10, 11], [12]]
 kw = dict(sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 10}, seed=rank, pad_id=0, eos_id=7,
