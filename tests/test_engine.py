@@ -100,3 +100,17 @@ def test_a_truncated_checkpoint_file_is_one_line(saved):
     with pytest.raises(eng.CheckpointError) as err:
         eng.load_latest_checkpoint(_engine(1), saved)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+
+def test_a_job_started_after_in_process_ones_gets_its_own_rendezvous_port():
+    # The tests above initialised torch.distributed in this process; its TCPStore holds MASTER_PORT for the
+    # rest of the session. conftest forgets the exported variables after each test, so a child job (a
+    # pipeline stage, a SLURM job inheriting pytest's environment) picks a free port instead of that one.
+    import subprocess
+    import sys
+
+    assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+    child = subprocess.run([sys.executable, "-c", "from distill import engine; print(engine.setup_distributed(30))"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0 and "(0, 1)" in child.stdout, child.stderr[-2000:]
