@@ -7,14 +7,14 @@ TORCH  ?= torch==2.13.0
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)          # first: otherwise pip pulls a multi-GB CUDA build
-	$(PY) -m pip install -q -e ".[dev,peers]"
-	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["peers-nodeps"]))')
+	$(PY) -m pip install -q -e ".[dev,peers,real]"
+	$(PY) -m pip install -q --no-deps $$($(PY) -c 'import tomllib; x = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; print(" ".join(x["peers-nodeps"] + x["real-nodeps"]))')
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +27,9 @@ test-fast: $(STAMP)     ## skip the minutes-long integration tests
 
 demo: $(STAMP)          ## the embedded tau x divergence study end to end, then its report
 	$(VENV)/bin/distill-demo
+
+gpu-check: $(STAMP)     ## the CUDA paths on this machine's GPU(s), <= 8 minutes; exits 2 without CUDA
+	timeout 480 $(PY) scripts/gpu_check.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py

@@ -159,8 +159,11 @@ def job_step(cfg, engine, teacher, cache, train_ex: list[dict], pad_id: int, ste
     from distill.models import output_head
     from distill.train import _all_reduce_sum, batch_loss, response_mask, sample_indices
 
+    from distill.config import batch_plan
+
     tcfg, rank, world = cfg.trainer, 0, 1
-    mbs, gas = int(tcfg.micro_batch_size), int(tcfg.grad_accum)
+    plan = batch_plan(tcfg, world)  # the job's split of the global batch
+    mbs, gas = plan.micro, plan.accum
     clock = Clock()
     ids = [sample_indices(len(train_ex), step, m, rank, world=world, micro_bs=mbs, grad_accum=gas,
                           seed=int(cfg.seed)) for m in range(gas)]
@@ -441,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# bench_train: job step vs bare PyTorch step ({time.strftime('%Y-%m-%d %H:%M')})\n")
         print(f"machine: {machine_line()}")
         t = cfg.trainer
-        print(f"config: experiment=demo divergence={cfg.divergence.name} tau={cfg.tau} micro_batch={t.micro_batch_size} "
-              f"grad_accum={t.grad_accum} teacher={dict(cfg.model.teacher)} student={dict(cfg.model.student)} "
+        print(f"config: experiment=demo divergence={cfg.divergence.name} tau={cfg.tau} global_batch={t.global_batch_size} "
+              f"micro_batch={t.micro_batch_size} teacher={dict(cfg.model.teacher)} student={dict(cfg.model.student)} "
               f"(random init), {len(train_ex)} train examples, extra overrides {args.overrides}")
         print(f"method: {args.warmup} warm-up steps, then {args.rounds} rounds x {args.block} steps per variant, "
               f"variants shuffled per round, medians\n")

@@ -8,8 +8,10 @@ here read them from there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -35,6 +37,8 @@ class InputError(ConfigError):
     """
 
 
+SELECTIONS = ("last", "loss", "rougeL")   # trainer.select: which evaluation's checkpoint is the result
+EPOCH = "epoch"                           # trainer.eval_every / ckpt_every: once per epoch
 _CACHE_SETTINGS = (False, True, "auto", "hidden", "logits")  # distill.teacher_cache.SETTINGS
 
 
@@ -65,16 +69,13 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"trainer.precision={t.precision!r}: must be one of {list(PRECISIONS)}")
     elif t.precision == "fp16" and not torch.cuda.is_available():
         out.append("trainer.precision=fp16 does not work with DeepSpeed on CPU: use bf16 or fp32")
-    for key in ("micro_batch_size", "grad_accum", "max_steps"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            out.append(f"trainer.{key}={t[key]!r}: must be an integer >= 1")
-    if world_size is not None and t.get("global_batch_size") is not None:
-        expected = t.micro_batch_size * t.grad_accum * world_size
-        if t.global_batch_size != expected:
-            out.append(
-                f"trainer.global_batch_size={t.global_batch_size} != micro_batch_size ({t.micro_batch_size}) x "
-                f"grad_accum ({t.grad_accum}) x world size ({world_size}) = {expected}: fix one of them"
-            )
+    trainer_problems = _trainer_problems(t)
+    out.extend(trainer_problems)
+    if world_size is not None and not trainer_problems:
+        try:
+            batch_plan(t, world_size)
+        except ConfigError as exc:
+            out.append(str(exc))
     loss = cfg.loss
     if not 0.0 <= float(loss.kd_ratio) <= 1.0:
         out.append(f"loss.kd_ratio={loss.kd_ratio}: must be in [0, 1] (0 = SFT, 1 = pure distillation)")
@@ -142,6 +143,101 @@ def _reliability_problems(cfg: DictConfig) -> list[str]:
     if wait is not None and (not isinstance(wait, (int, float)) or wait < 0):
         out.append(f"cell_lock.wait_s={wait!r}: must be null (wait while the holder lives) or a number >= 0")
     return out
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _trainer_problems(t: Mapping) -> list[str]:
+    """Batch, length and cadence keys of `trainer` (world size apart: see `batch_plan`)."""
+    out = []
+    for key in ("global_batch_size", "micro_batch_size"):
+        if not _positive_int(t.get(key)):
+            out.append(f"trainer.{key}={t.get(key)!r}: must be an integer >= 1")
+    if t.get("grad_accum") is not None and not _positive_int(t.get("grad_accum")):
+        out.append(f"trainer.grad_accum={t.get('grad_accum')!r}: must be null (derived) or an integer >= 1")
+    steps, epochs = t.get("max_steps"), t.get("epochs")
+    if (steps is None) == (epochs is None):
+        out.append(f"trainer.max_steps={steps!r}, trainer.epochs={epochs!r}: set exactly one of them "
+                   "(e.g. trainer.epochs=10 trainer.max_steps=null)")
+    for key, value in (("max_steps", steps), ("epochs", epochs)):
+        if value is not None and not _positive_int(value):
+            out.append(f"trainer.{key}={value!r}: must be an integer >= 1 (or null)")
+    for key in ("eval_every", "ckpt_every"):
+        value = t.get(key, 0)
+        if value != EPOCH and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            out.append(f"trainer.{key}={value!r}: must be a number of steps >= 0 (0 = never) or '{EPOCH}'")
+    if t.get("select", "last") not in SELECTIONS:
+        out.append(f"trainer.select={t.get('select')!r}: must be one of {list(SELECTIONS)}")
+    if t.get("val_batches") is not None and not _positive_int(t.get("val_batches")):
+        out.append(f"trainer.val_batches={t.get('val_batches')!r}: must be null (the whole valid split) or >= 1")
+    return out
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step of `global_batch` examples is run on `world` ranks."""
+
+    global_batch: int   # examples per optimizer step over all ranks: the config's unit, part of the cell's identity
+    micro: int          # examples per forward on one rank
+    accum: int          # micro-batches per rank per step
+    world: int
+
+
+def batch_plan(trainer: Mapping, world_size: int) -> BatchPlan:
+    """Split `trainer.global_batch_size` over `world_size` ranks: micro x accum x world == global.
+
+    With `grad_accum` null (the default) the micro-batch is the largest divisor of the per-rank share
+    that is <= `micro_batch_size` (a memory cap), and accumulation makes up the rest; with `grad_accum`
+    set, `micro_batch_size` x `grad_accum` x world size must equal the global batch. Raises ConfigError
+    with one line saying what to change.
+    """
+    g, cap, accum = int(trainer["global_batch_size"]), int(trainer["micro_batch_size"]), trainer.get("grad_accum")
+    if g % world_size:
+        raise ConfigError(f"trainer.global_batch_size={g} is not divisible by the world size ({world_size} ranks): "
+                          f"use a multiple of {world_size}, or another number of ranks")
+    share = g // world_size
+    if accum is not None:
+        accum = int(accum)
+        if cap * accum != share:
+            raise ConfigError(f"trainer.global_batch_size={g} != micro_batch_size ({cap}) x grad_accum ({accum}) x "
+                              f"world size ({world_size}) = {cap * accum * world_size}: set grad_accum=null to derive it")
+        return BatchPlan(g, cap, accum, world_size)
+    micro = max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
+    return BatchPlan(g, micro, share // micro, world_size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step counts a cell runs with, once its world size and training-set size are known."""
+
+    batch: BatchPlan
+    steps_per_epoch: int   # len(train) // global batch (the last partial batch of an epoch is dropped)
+    max_steps: int
+    eval_every: int        # steps between evaluations (0 = only the final one)
+    ckpt_every: int        # steps between checkpoints (0 = none)
+
+    @property
+    def epochs(self) -> float:
+        return self.max_steps / self.steps_per_epoch
+
+
+def schedule(trainer: Mapping, world_size: int, n_train: int) -> Schedule:
+    """`trainer` resolved for `world_size` ranks and `n_train` training examples (epochs -> steps)."""
+    plan = batch_plan(trainer, world_size)
+    per_epoch = n_train // plan.global_batch
+    if per_epoch < 1 and trainer.get("epochs") is not None:
+        raise ConfigError(f"trainer.epochs={trainer['epochs']}: the training set ({n_train} examples) is smaller than "
+                          f"one global batch ({plan.global_batch}): lower trainer.global_batch_size")
+    per_epoch = max(per_epoch, 1)
+    max_steps = int(trainer["epochs"]) * per_epoch if trainer.get("epochs") is not None else int(trainer["max_steps"])
+
+    def every(key: str) -> int:
+        value = trainer.get(key, 0)
+        return per_epoch if value == EPOCH else int(value or 0)
+
+    return Schedule(plan, per_epoch, max_steps, every("eval_every"), every("ckpt_every"))
 
 
 def _divergence_param_problems(cfg: DictConfig) -> list[str]:

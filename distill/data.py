@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch cross-entropy convention)
 FORMATS = ("jsonl", "dolly", "selfinst", "vicuna", "sinst", "uninst")
-TEMPLATES = ("alpaca", "alpaca_compact", "chat")
+TEMPLATES = ("alpaca", "alpaca_compact", "alpaca_qwen", "chat")
 TRUNCATION_SIDES = ("left", "right")
 
 # The Alpaca-style prompts used by MiniLLM / DistiLLM (the anchors' eval protocol).
@@ -58,6 +58,9 @@ ALPACA_PROMPT_INPUT = (
 # example under the 512-token BPE, so dropping it halves the demo's compute without changing the task.
 COMPACT_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 COMPACT_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# MiniLLM's Qwen2 variant (minillm/tools/process_data_dolly.py, model_type qwen2): the Alpaca text in
+# ChatML-like markers, with an "Assistant:" turn after it.
+QWEN_WRAP = "<|im_start|>{prompt}<|im_end|><|im_start|>Assistant:"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +361,7 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
 
     ``alpaca``: MiniLLM/DistiLLM's Alpaca-style template (with or without the Input block).
     ``alpaca_compact``: the same blocks without the preamble sentence (the embedded demo's choice).
+    ``alpaca_qwen``: the Alpaca text wrapped as MiniLLM does for Qwen2/2.5 (`QWEN_WRAP`).
     ``chat``: the tokenizer's chat template, one user turn (instruction, blank line, input),
     with the generation prompt appended.
     """
@@ -365,6 +369,8 @@ def render_prompt(record: Record, template: str = "alpaca", tokenizer: Any = Non
         if record.input:
             return ALPACA_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)
         return ALPACA_PROMPT.format(instruction=record.instruction)
+    if template == "alpaca_qwen":
+        return QWEN_WRAP.format(prompt=render_prompt(record, "alpaca"))
     if template == "alpaca_compact":
         if record.input:
             return COMPACT_PROMPT_INPUT.format(instruction=record.instruction, input=record.input)

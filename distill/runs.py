@@ -37,6 +37,13 @@ NON_RESULT_KEYS = (
     "sweep",
     "eval.write_generations",
     "trainer.log_every",
+    # how a global batch is split over ranks and micro-batches changes no result (exact accumulation):
+    # the global batch (trainer.global_batch_size) is the identity, the same on 1 or 8 GPUs
+    "trainer.micro_batch_size",
+    "trainer.grad_accum",
+    "trainer.gradient_checkpointing",
+    "model.teacher.name",   # labels (cell names, W&B); the paths are the identity
+    "model.student.name",
     "trainer.ckpt_every",
     "trainer.keep_ckpts",
     "trainer.dist_timeout_s",
@@ -145,7 +152,9 @@ def cell_identity(cfg: DictConfig | Mapping, sig: str | None) -> dict[str, Any]:
         "tau_squared": _or_none(bool, loss.get("tau_squared")),
         "kd_ratio": float(kd_ratio),
         "seed": _or_none(int, c.get("seed")),
-        "max_steps": _or_none(int, (c.get("trainer") or {}).get("max_steps")),  # the budget ablations compare
+        # the training budget (ablations compare budgets): steps, or epochs (recipes)
+        "max_steps": _or_none(int, (c.get("trainer") or {}).get("max_steps")),
+        "epochs": _or_none(int, (c.get("trainer") or {}).get("epochs")),
         "model": model.get("name"),
         "teacher": (model.get("teacher") or {}).get("path") if kd_ratio > 0 else None,
         "student": (model.get("student") or {}).get("path") or f"{model.get('arch', 'hf')}-init",
@@ -170,20 +179,32 @@ def _rollout_tag(cfg: DictConfig) -> str | None:
     return str(name).replace("_", "")
 
 
+def model_label(cfg: DictConfig, role: str = "student") -> str:
+    """Short name of the `role` model: `model.<role>.name`, else the last part of its path, else its arch."""
+    spec = cfg.model[role]
+    if spec.get("name"):
+        return str(spec.name)
+    if spec.get("path"):
+        path = Path(str(spec.path))
+        return path.parent.name if path.name == "student" else path.name  # a previous cell's export
+    return str(cfg.model.get("arch") or cfg.model.get("name") or "model")
+
+
 def cell_name(cfg: DictConfig) -> str:
-    """Readable prefix of a cell dir: `fkl-tau2-s0`, `sft-s0` (kd_ratio=0), `fkl-tau2-kd0.5-s0`, and with a
-    rollout other than offline `jsd-tau1-onpolicy0.5-s0`, `skl-tau1-sgo-s0`, `sft-seqkd-s0`."""
-    seed = f"s{cfg.seed}"
+    """Readable prefix of a cell dir, naming the trained model: `sft-gpt2-xl-s0` (kd_ratio=0),
+    `fkl-tau2-gpt2-s0`, `fkl-tau2-kd0.5-gpt2-s0`, and with a rollout other than offline
+    `jsd-tau1-onpolicy0.5-gpt2-s0`, `skl-tau1-sgo-gpt2-s0`, `sft-seqkd-gpt2-s0`."""
+    seed, model = f"s{cfg.seed}", model_label(cfg, "student")
     kd = float(cfg.loss.kd_ratio)
     rollout = _rollout_tag(cfg)
     if kd == 0.0:
-        return "-".join(["sft", *([rollout] if rollout else []), seed])
+        return "-".join(["sft", *([rollout] if rollout else []), model, seed])
     parts = [str(cfg.divergence.name), f"tau{_fmt_number(cfg.tau)}"]
     if kd != 1.0:
         parts.append(f"kd{_fmt_number(kd)}")
     if rollout:
         parts.append(rollout)
-    parts.append(seed)
+    parts += [model, seed]
     return "-".join(parts)
 
 

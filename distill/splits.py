@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_EVAL_SETS = tuple(s for s in SPLITS if s not in ("train", "valid"))  # the suite's benchmarks
 # Which reader a benchmark name uses unless data.benchmark_formats says otherwise.
+LONG_PROMPT_POLICIES = ("truncate", "drop")  # data.long_prompts
 BENCHMARK_FORMATS = {"dolly": "dolly", "selfinst": "selfinst", "vicuna": "vicuna", "sinst": "sinst", "uninst": "uninst"}
 
 
@@ -55,6 +56,12 @@ def _key(r: Record) -> tuple[str, str]:
     return (r.instruction.strip(), r.input.strip())
 
 
+def prompt_too_long(record: Record, tokenizer: Any, template: str, max_prompt_length: int) -> bool:
+    """True when the rendered prompt has more than ``max_prompt_length`` tokens (MiniLLM's drop rule)."""
+    prompt = render_prompt(record, template, tokenizer)
+    return len(tokenizer.encode(prompt, add_special_tokens=False)) > max_prompt_length
+
+
 def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSplits:
     """Build train / valid / benchmark records from a ``conf/data/*.yaml`` config.
 
@@ -63,8 +70,10 @@ def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSpli
     ``hub_id`` via `data.load_hub_records`. For jsonl/hub, the last ``test_size`` records become the
     benchmark named ``name`` when its file is null, the first ``valid_size`` of the rest (or
     ``valid_file``) are validation, and training records whose (instruction, input) occur in any
-    benchmark are dropped (counted in ``stats``). If ``tokenizer`` is given, ``stats`` also counts
-    training prompts longer than ``max_prompt_length`` (they are truncated at encode time).
+    benchmark are dropped (counted in ``stats``) unless ``drop_overlap`` is false. If ``tokenizer``
+    is given, ``stats`` also counts training prompts longer than ``max_prompt_length``: they are
+    truncated at encode time (``long_prompts=truncate``), or dropped from train and valid
+    (``long_prompts=drop``, MiniLLM's rule; needs the tokenizer).
     """
     cfg = _plain(data_cfg)
     kind = cfg.get("kind")
@@ -89,12 +98,25 @@ def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSpli
     for name, recs in benchmarks.items():
         if not recs:
             raise ValueError(f"benchmark {name!r} is empty")
+    policy = cfg.get("long_prompts") or "truncate"
+    if policy not in LONG_PROMPT_POLICIES:
+        raise ValueError(f"data.long_prompts={policy!r}; allowed: {', '.join(LONG_PROMPT_POLICIES)}")
+    if policy == "drop" and tokenizer is None:
+        raise ValueError("data.long_prompts=drop counts prompt tokens: load_data needs the tokenizer")
     if tokenizer is not None:
         limit = int(cfg.get("max_prompt_length", 256))
         template = cfg.get("template", "alpaca")
-        prompts = [render_prompt(r, template, tokenizer) for r in train]
-        stats["train_prompts_over_max"] = sum(len(tokenizer.encode(p, add_special_tokens=False)) > limit
-                                              for p in prompts)
+        long_train = [prompt_too_long(r, tokenizer, template, limit) for r in train]
+        stats["train_prompts_over_max"] = sum(long_train)
+        if policy == "drop":
+            # MiniLLM (tools/process_data_dolly.py) drops such examples from train and valid, keeps the test set
+            long_valid = [prompt_too_long(r, tokenizer, template, limit) for r in valid]
+            train = [r for r, too_long in zip(train, long_train) if not too_long]
+            valid = [r for r, too_long in zip(valid, long_valid) if not too_long]
+            stats["valid_prompts_over_max"] = sum(long_valid)
+            if not train or not valid:
+                raise ValueError(f"data.long_prompts=drop left no {'training' if not train else 'validation'} "
+                                 f"examples: every prompt is over max_prompt_length={limit} tokens")
     return DataSplits(train=train, valid=valid, benchmarks=benchmarks, tokenizer_dir=tokenizer_dir, stats=dict(stats))
 
 
@@ -142,6 +164,8 @@ def _load_external(cfg: dict[str, Any], kind: str, stats: Counter
     else:
         raise ValueError("set data.valid_size (first N records held out) or data.valid_file")
 
+    if not cfg.get("drop_overlap", True):
+        return train, valid, benchmarks  # MiniLLM's split: every line after the first valid_size trains
     held_out = {_key(r) for recs in benchmarks.values() for r in recs} | {_key(r) for r in valid}
     kept = [r for r in train if _key(r) not in held_out]
     stats["train_dropped_overlap"] = len(train) - len(kept)

@@ -9,12 +9,14 @@
     prepared = prepare(cfg)      # config checks, distributed env, data, tokenizer, vocab check, input
                                  # fingerprints -> identity and run dir (a bad input stops here, nothing on disk)
     (cell lock)                  # one run per cell: a second run waits, then skips the finished cell
-    cell = setup(cfg, prepared)  # run dir, tracker, teacher (frozen) or its cache, student (DeepSpeed ZeRO)
-                                 # resumed from its latest checkpoint (weights-only), the rollout and its state
+    cell = setup(cfg, prepared)  # run dir, tracker, the schedule (global batch split over the ranks, epochs ->
+                                 # steps), teacher (frozen) or its cache, student (DeepSpeed ZeRO) resumed from its
+                                 # latest checkpoint (weights-only), the rollout and its state
     train_step(cell, step)       # one optimizer step: the rollout's micro-batches, exact accumulation, engine.step
-    after_step(cell, result)     # train log, validate(cell), checkpoint on their cadence; a SIGTERM/SIGUSR2
-                                 # stops here: checkpoint, `interrupted`, requeue (distill.preempt)
-    finish(cell)                 # final validation, HF export, generation + ROUGE-L, metrics.json
+    after_step(cell, result)     # train log, validate(cell) + checkpoint selection, checkpoint on their cadence;
+                                 # a SIGTERM/SIGUSR2 stops here: checkpoint, `interrupted`, requeue (distill.preempt)
+    finish(cell)                 # final validation, HF export of the selected checkpoint, generation + ROUGE-L,
+                                 # metrics.json
 
 Side effects (files, W&B, progress bar) happen on rank 0 only. The cell's own log is `<cell>/train.log`.
 """
@@ -22,6 +24,7 @@ Side effects (files, W&B, progress bar) happen on rank 0 only. The cell's own lo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 import contextlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +50,8 @@ from distill import evaluate, locks, models, preempt, runs
 from distill import inputs as inputs_mod
 from distill import rollout as rollout_mod
 from distill.chunked_losses import fused_distillation_loss, loss_fn_for
-from distill.config import CONF_DIR, ConfigError, InputError
+from distill.config import CONF_DIR, ConfigError, InputError, Schedule
+from distill.config import schedule as resolve_schedule
 from distill.config import validate as check_config
 from distill.data import response_mask
 from distill.splits import DataSplits, load_data
@@ -67,14 +71,22 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
                    seed: int, _perms: dict[int, torch.Tensor] = {}) -> list[int]:  # noqa: B006 (memo)
     """Indices of the examples in (step, micro-batch, rank): a pure function of its arguments.
 
-    The stream is a fresh permutation per epoch, seeded by (seed, epoch); resuming at step k therefore
-    sees exactly the batches an uninterrupted run would, with no sampler state to checkpoint.
+    Each epoch is a fresh permutation, seeded by (seed, epoch), cut into `n // global batch` steps (the
+    last partial batch is dropped, as the anchors' samplers do); step k takes positions
+    [k' x G, (k' + 1) x G) of its epoch's permutation (k' = k mod steps per epoch), split over micro-batches
+    and ranks. So the examples of a step depend on the global batch G only, not on how it is split, and
+    resuming at step k sees exactly the batches an uninterrupted run would, with no sampler state to
+    checkpoint. A training set smaller than one global batch is cycled through continuously.
     """
     global_bs = micro_bs * grad_accum * world
-    start = step * global_bs + (micro * world + rank) * micro_bs
+    offset = (micro * world + rank) * micro_bs
+    per_epoch = n // global_bs
     out = []
-    for g in range(start, start + micro_bs):
-        epoch, pos = divmod(g, n)
+    for i in range(offset, offset + micro_bs):
+        if per_epoch:
+            epoch, pos = step // per_epoch, (step % per_epoch) * global_bs + i
+        else:
+            epoch, pos = divmod(step * global_bs + i, n)
         # The memo lives in a default argument, not a module global or an lru_cache: `python -m
         # distill.train` cells are pickled by value by submitit, and a module-level helper of
         # __main__ cannot be found again in the child process.
@@ -171,6 +183,9 @@ class Progress:
     loss_sum: float = 0.0      # this rank's micro-batch losses since the last train log (checkpointed as a
     loss_steps: int = 0        # global sum, restored on rank 0) and the optimizer steps since that log
     time_before: float = 0.0   # training seconds of earlier attempts (checkpointed)
+    evaluations: list[dict] = field(default_factory=list)  # per evaluation: step, valid metrics, selection value
+    best: dict | None = None   # the evaluation selected so far (trainer.select); checkpointed with `evaluations`
+    ckpt_best_step: int | None = None  # the best step recorded by the latest checkpoint (its export is kept)
 
 
 @dataclass
@@ -182,6 +197,7 @@ class Cell:
     world: int
     device: torch.device
     run_dir: Path
+    schedule: Schedule           # global batch split over the ranks, steps (from epochs), eval/checkpoint cadence
     splits: DataSplits
     tokenizer: Any
     train_examples: list[dict]   # encoded train split; `sample_indices` draws from it
@@ -354,15 +370,15 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
         if trunc.prompts_truncated or trunc.responses_truncated:
             log.warning("truncation (max_prompt_length=%d, max_length=%d): %s", int(cfg.data.max_prompt_length),
                         int(cfg.data.max_length), trunc.as_dict())
-        teacher, teacher_engine, cache, engine, train_ex = _build_models(cfg, tokenizer, train_ex, device=device,
-                                                                         rank=rank, world=world)
+        teacher, teacher_engine, cache, engine, train_ex, sched = _build_models(
+            cfg, tokenizer, train_ex, device=device, rank=rank, world=world)
         progress = _resume(engine, rdir, rank)
         if rank == 0:
             truncate_log(tracker.log_path, progress.step)  # a redone step is logged once
             metrics["attempts"][-1]["start_step"] = progress.step
-        metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict()}
-        val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world)
-        rollout = _rollout(cfg, tokenizer, rdir, progress.step, world=world, rank=rank)
+        metrics["train"] = {"resumed_from_step": progress.step, "truncation": trunc.as_dict(), **_batch_info(sched)}
+        val_batches = validation_batches(val_ex, cfg.trainer, tokenizer.pad_token_id, world, micro=sched.batch.micro)
+        rollout = _rollout(cfg, tokenizer, rdir, progress.step, sched, world=world, rank=rank)
         if rollout.needs_initial_dev_loss and val_batches:
             # DistiLLM's SGO compares later dev losses with the one before training (finetune.py: the first
             # `evaluate` call before the loop).
@@ -373,11 +389,12 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> Cell:
         if rank == 0 and cfg.trainer.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=int(cfg.trainer.max_steps), initial=progress.step, desc=metrics["name"], unit="step",
+            bar = tqdm(total=sched.max_steps, initial=progress.step, desc=metrics["name"], unit="step",
                        dynamic_ncols=True)
         progress.t_start = time.time()
         engine.train()
-    return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, splits=splits, tokenizer=tokenizer,
+    return Cell(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, schedule=sched, splits=splits,
+                tokenizer=tokenizer,
                 train_examples=train_ex, val_batches=val_batches, engine=engine, teacher=teacher, cache=cache,
                 tracker=tracker, metrics=metrics, progress=progress, rollout=rollout, bar=bar,
                 teacher_engine=teacher_engine)
@@ -455,25 +472,40 @@ def _failures_recorded(*, rank: int, run_dir: Path, metrics: dict[str, Any], tra
 
 
 def load_data_and_tokenizer(cfg: DictConfig) -> tuple[DataSplits, Any]:
-    """The data splits and the tokenizer (the embedded suite brings its own); a bad file is one InputError line."""
+    """The data splits and the tokenizer (the embedded suite brings its own); a bad file is one InputError line.
+    A tokenizer named by `model.tokenizer` is loaded first, so the splits can count (or drop,
+    `data.long_prompts=drop`) its over-long prompts."""
+    def load_tok(tok_path):
+        try:
+            return models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
+        except (OSError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise InputError(f"tokenizer {tok_path}: cannot be loaded ({first}): set model.tokenizer to the pair's "
+                             "tokenizer dir or hub id") from exc
+
+    tokenizer = load_tok(cfg.model.tokenizer) if cfg.model.get("tokenizer") else None
     try:
-        splits = load_data(cfg.data, Path(cfg.paths.data_dir))
+        splits = load_data(cfg.data, Path(cfg.paths.data_dir), tokenizer=tokenizer)
     except (ValueError, OSError) as exc:  # missing/empty/malformed/non-UTF-8 files: the message names file:line
         raise InputError(f"data={cfg.data.name}: {exc}") from exc
-    tok_path = cfg.model.get("tokenizer") or splits.tokenizer_dir
-    if tok_path is None:
-        raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
-    try:
-        return splits, models.load_tokenizer(tok_path, bool(cfg.model.get("trust_remote_code", False)))
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"tokenizer {tok_path}: cannot be loaded ({first}): set model.tokenizer to the pair's "
-                         "tokenizer dir or hub id") from exc
+    if tokenizer is None:
+        if splits.tokenizer_dir is None:
+            raise ConfigError(f"model.tokenizer is not set and data={cfg.data.name} brings no tokenizer")
+        tokenizer = load_tok(splits.tokenizer_dir)
+    return splits, tokenizer
+
+
+def _batch_info(sched: Schedule) -> dict[str, Any]:
+    """How this cell ran its global batch (metrics.json `train`): the same global batch on any world size."""
+    b = sched.batch
+    return {"global_batch_size": b.global_batch, "micro_batch_size": b.micro, "grad_accum": b.accum,
+            "world_size": b.world, "steps_per_epoch": sched.steps_per_epoch, "epochs": round(sched.epochs, 4)}
 
 
 def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: torch.device, rank: int,
-                  world: int) -> tuple[torch.nn.Module | None, Any, TeacherCache | None, Any, list[dict]]:
-    """(teacher, its DeepSpeed engine when partitioned, teacher cache, student engine, training examples).
+                  world: int) -> tuple[torch.nn.Module | None, Any, TeacherCache | None, Any, list[dict], Schedule]:
+    """(teacher, its DeepSpeed engine when partitioned, teacher cache, student engine, training examples, schedule:
+    the global batch split over `world` ranks, epochs -> steps, counting the final training examples).
 
     The teacher is frozen and in eval mode: a full copy per rank outside DeepSpeed, or, with
     model.teacher.shard, partitioned across ranks by ZeRO-3 inference (loaded under zero.Init from a path, so no
@@ -483,6 +515,8 @@ def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: t
     tcfg, max_len = cfg.trainer, int(cfg.data.max_length)
     dtype = models.torch_dtype(tcfg.precision if cfg.model.dtype == "auto" else cfg.model.dtype)
     student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
+    if tcfg.get("gradient_checkpointing"):
+        student.gradient_checkpointing_enable()
     if cfg.loss.impl == "fused":
         models.check_output_head(student, models.output_head(student), "student")
     teacher = teacher_engine = cache = None
@@ -499,10 +533,12 @@ def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: t
             load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
         )
+    sched = resolve_schedule(tcfg, world, len(train_ex))
     if teacher is not None:
         cache = _teacher_cache(cfg, teacher, train_ex, pad_id=tokenizer.pad_token_id, dtype=dtype, device=device,
                                rank=rank)
-    return teacher, teacher_engine, cache, eng.initialize(student, tcfg, world), train_ex
+    engine = eng.initialize(student, tcfg, world, max_steps=sched.max_steps, plan=sched.batch)
+    return teacher, teacher_engine, cache, engine, train_ex, sched
 
 
 def _teacher_cache(cfg: DictConfig, teacher, train_ex: list[dict], *, pad_id: int, dtype: torch.dtype,
@@ -541,10 +577,11 @@ def _build_teacher(cfg: DictConfig, tokenizer, dtype: torch.dtype, device: torch
     return teacher_engine.module, teacher_engine
 
 
-def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, *, world: int, rank: int) -> rollout_mod.Rollout:
+def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, sched: Schedule, *, world: int,
+             rank: int) -> rollout_mod.Rollout:
     """The cell's rollout; when resuming, with the replay buffer, threshold and counters of the checkpoint."""
     rollout = rollout_mod.Rollout(
-        cfg.get("rollout") or {"name": "offline"}, seed=int(cfg.seed), max_steps=int(cfg.trainer.max_steps),
+        cfg.get("rollout") or {"name": "offline"}, seed=int(cfg.seed), max_steps=sched.max_steps,
         pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=int(cfg.data.max_length),
         # ZeRO-3 gathers parameters inside every forward: ranks must keep stepping until all finished generating
         synced_gpus=int(cfg.trainer.zero_stage) == 3 and world > 1,
@@ -556,20 +593,33 @@ def _rollout(cfg: DictConfig, tokenizer, rdir: Path, step: int, *, world: int, r
 
 def _resume(engine, rdir: Path, rank: int) -> Progress:
     """Load the latest checkpoint if any (weights, optimizer, schedule, torch RNG, the running loss window and
-    training time); where training stands. The loss window is a global sum: rank 0 takes it, the rest start at 0,
-    so the next train log (a sum over ranks) equals the uninterrupted run's."""
+    training time, the evaluations so far and the selected one); where training stands. The loss window is a
+    global sum: rank 0 takes it, the rest start at 0, so the next train log (a sum over ranks) equals the
+    uninterrupted run's."""
     state = eng.load_latest_checkpoint(engine, rdir) or {}
     step, tokens = int(state.get("step", 0)), int(state.get("tokens", 0))
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
-    return Progress(step=step, tokens=tokens, tokens_at_start=tokens,
-                    loss_sum=float(state.get("loss_sum", 0.0)) if rank == 0 else 0.0,
-                    loss_steps=int(state.get("loss_steps", 0)), time_before=float(state.get("train_time_s", 0.0)))
+    p = Progress(step=step, tokens=tokens, tokens_at_start=tokens,
+                 loss_sum=float(state.get("loss_sum", 0.0)) if rank == 0 else 0.0,
+                 loss_steps=int(state.get("loss_steps", 0)), time_before=float(state.get("train_time_s", 0.0)),
+                 evaluations=list(state.get("evaluations", [])), best=state.get("best"))
+    p.ckpt_best_step = p.best["step"] if p.best else None
+    if rank == 0:
+        # exports of evaluations after the checkpoint belong to the lost attempt: they are redone
+        _prune_selected(rdir, keep={p.ckpt_best_step})
+    if p.best and not (_selected_dir(rdir, p.best["step"]) / "config.json").is_file():
+        log.warning("the selected checkpoint of step %d is missing: selection restarts at step %d", p.best["step"], step)
+        p.best = p.ckpt_best_step = None
+    return p
 
 
-def validation_batches(val_ex: list[dict], tcfg: DictConfig, pad_id: int, world: int) -> list[dict]:
-    """`trainer.val_batches` micro-batches per rank from the head of the valid split, equal forwards per rank."""
-    mbs, n_val = int(tcfg.micro_batch_size), int(tcfg.val_batches) * world
+def validation_batches(val_ex: list[dict], tcfg: DictConfig, pad_id: int, world: int,
+                       micro: int | None = None) -> list[dict]:
+    """`trainer.val_batches` micro-batches per rank (null: the whole split) from the head of the valid split,
+    equal forwards per rank."""
+    mbs = int(micro or tcfg.micro_batch_size)
+    n_val = int(tcfg.val_batches) * world if tcfg.get("val_batches") is not None else math.ceil(len(val_ex) / mbs)
     batches = [data_mod.collate_train(val_ex[i * mbs:(i + 1) * mbs], pad_id) for i in range(n_val)
                if val_ex[i * mbs:(i + 1) * mbs]]
     return batches[: (len(batches) // world) * world]
@@ -584,11 +634,12 @@ def _no_lap(segment: str) -> None:
 
 
 def sample_batches(cell: Cell, step: int) -> list[dict]:
-    """This rank's `grad_accum` micro-batches of `step`, as the rollout supplies them, collated. Micro-batches of
-    training examples carry their example ids; generated or replayed ones do not (the live teacher scores them)."""
-    tcfg, n = cell.cfg.trainer, len(cell.train_examples)
-    ids = [sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=int(tcfg.micro_batch_size),
-                          grad_accum=int(tcfg.grad_accum), seed=int(cell.cfg.seed)) for m in range(int(tcfg.grad_accum))]
+    """This rank's micro-batches of `step` (the schedule's accumulation), as the rollout supplies them, collated.
+    Micro-batches of training examples carry their example ids; generated or replayed ones do not (the live
+    teacher scores them)."""
+    plan, n = cell.schedule.batch, len(cell.train_examples)
+    ids = [sample_indices(n, step, m, cell.rank, world=cell.world, micro_bs=plan.micro, grad_accum=plan.accum,
+                          seed=int(cell.cfg.seed)) for m in range(plan.accum)]
     policy = cell.engine.module if cell.rollout.samples_student else None
     out = []
     for mb in cell.rollout.micro_batches(step, ids, cell.train_examples, policy, cell.rank):
@@ -602,7 +653,7 @@ def train_step(cell: Cell, step: int, micro_batches: list[dict] | None = None, *
     """One optimizer step (0-based `step`): forward + loss + backward over the micro-batches, then the update.
 
     `micro_batches` default to the job's own for `step` (`sample_batches`); a caller such as an on-policy loop
-    may pass its own: this rank's `trainer.grad_accum` dicts of input_ids / attention_mask / labels
+    may pass its own: this rank's `cell.schedule.batch.accum` dicts of input_ids / attention_mask / labels
     (`data.collate_train`), with `EXAMPLE_IDS` only if the rows come from `cell.train_examples` (the teacher
     cache needs it; without it the live teacher runs). Accumulation is exact: every micro-batch loss is a masked
     sum over the step's global response-token count. `lap(segment)` is called after each segment (data,
@@ -610,11 +661,11 @@ def train_step(cell: Cell, step: int, micro_batches: list[dict] | None = None, *
     this rank's loss (its share of the step's global mean), the global token count and the last micro-batch's
     loss parts.
     """
-    gas = int(cell.cfg.trainer.grad_accum)
+    gas = cell.schedule.batch.accum
     if micro_batches is None:
         micro_batches = sample_batches(cell, step)
     if len(micro_batches) != gas:
-        raise ValueError(f"train_step needs trainer.grad_accum={gas} micro-batches, got {len(micro_batches)}")
+        raise ValueError(f"train_step needs {gas} micro-batches (the schedule's accumulation), got {len(micro_batches)}")
     local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
     num_tokens = max(_all_reduce_sum([local_tokens], cell.device)[0], 1.0)
     lap("data")
@@ -664,23 +715,28 @@ def micro_batch_loss(cell: Cell, batch: dict, num_tokens: float, *,
 
 
 def after_step(cell: Cell, result: dict[str, Any], lock: locks.CellLock | None = None) -> None:
-    """The loop's cadence after a step: train log, validation, checkpoint, progress bar; and the step boundary
-    where a SIGTERM/SIGUSR2 on any rank (or a lost cell lock) stops every rank: checkpoint, then Interrupted."""
-    tcfg, done = cell.cfg.trainer, result["step"]
-    max_steps = int(tcfg.max_steps)
-    if done % int(tcfg.log_every) == 0 or done == max_steps:
+    """The loop's cadence after a step: train log, validation + checkpoint selection, checkpoint, progress bar;
+    and the step boundary where a SIGTERM/SIGUSR2 on any rank (or a lost cell lock) stops every rank:
+    checkpoint, then Interrupted."""
+    tcfg, sched, done = cell.cfg.trainer, cell.schedule, result["step"]
+    if done % int(tcfg.log_every) == 0 or done == sched.max_steps:
         _log_train(cell, result["parts"])
-    if int(tcfg.eval_every) and done % int(tcfg.eval_every) == 0 and done != max_steps and cell.val_batches:
-        val = validate(cell)
-        cell.rollout.observe_dev_loss(val["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
-        cell.tracker.log({f"valid/{k}": v for k, v in val.items()}, step=done)
+    if sched.eval_every and done % sched.eval_every == 0 and done != sched.max_steps:
+        evaluation = evaluate_and_select(cell)
+        if "ce" in evaluation:
+            cell.rollout.observe_dev_loss(evaluation["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
+        cell.tracker.log({f"valid/{k}": v for k, v in evaluation.items() if k != "step"}, step=done)
     stop = _stop_requested(cell, lock)
     if isinstance(stop, LockLost):
         raise stop  # another run owns the dir now: write nothing more
-    if stop is not None or (int(tcfg.ckpt_every) and done % int(tcfg.ckpt_every) == 0 and done != max_steps):
+    if stop is not None or (sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps):
+        p = cell.progress
         if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
             cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
         eng.save_checkpoint(cell.engine, cell.run_dir, done, _checkpoint_state(cell), keep=int(tcfg.keep_ckpts))
+        p.ckpt_best_step = p.best["step"] if p.best else None
+        if cell.rank == 0:
+            _prune_selected(cell.run_dir, keep={p.ckpt_best_step})
     if cell.bar is not None:
         cell.bar.update(1)
     if stop is not None:
@@ -710,7 +766,8 @@ def _checkpoint_state(cell: Cell) -> dict[str, Any]:
     p = cell.progress
     return {"step": p.step, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
             "loss_sum": _all_reduce_sum([p.loss_sum], cell.device)[0], "loss_steps": p.loss_steps,
-            "train_time_s": p.time_before + (time.time() - p.t_start)}
+            "train_time_s": p.time_before + (time.time() - p.t_start),
+            "evaluations": p.evaluations, "best": p.best}
 
 
 def _log_train(cell: Cell, parts: dict[str, float]) -> None:
@@ -724,7 +781,7 @@ def _log_train(cell: Cell, parts: dict[str, float]) -> None:
                       "train/tokens_per_s": tps, **{f"train/{k}": v for k, v in parts.items()},
                       **cell.rollout.log_values()}, step=p.step)
     cell.metrics["train"]["final_loss"] = step_loss
-    cell_log.info("step %d/%d loss %.6f lr %.3g tokens %d tok/s %.0f", p.step, int(cell.cfg.trainer.max_steps),
+    cell_log.info("step %d/%d loss %.6f lr %.3g tokens %d tok/s %.0f", p.step, cell.schedule.max_steps,
                   step_loss, lr, p.tokens, tps)
     if cell.bar is not None:
         cell.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tps:,.0f}")
@@ -739,23 +796,102 @@ def validate(cell: Cell) -> dict[str, float]:
     return val
 
 
+# --------------------------------------------------------------------------------------------- checkpoint selection
+SELECTED_DIR = "selected"  # <run_dir>/selected/step<N>/: the HF export of the best evaluation so far
+
+
+def _selected_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / SELECTED_DIR / f"step{step:08d}"
+
+
+def _prune_selected(run_dir: Path, keep: set) -> None:
+    """Remove the selected exports whose step is not in `keep` (rank 0)."""
+    for d in sorted((Path(run_dir) / SELECTED_DIR).glob("step*")):
+        if int(d.name[4:]) not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def dev_rouge_l(cell: Cell) -> float:
+    """ROUGE-L of the student's generations on the validation split (`trainer.select_examples` first
+    examples), sampled as `eval` says with its first seed, the prompts sharded over the ranks; the same
+    value on every rank. Under ZeRO-3 every rank generates as many prompts in lockstep (`synced_gpus`)."""
+    cfg = cell.cfg
+    n = cfg.trainer.get("select_examples")
+    records = cell.splits.valid[: int(n)] if n else cell.splits.valid
+    mine = records[cell.rank::cell.world]
+    share = math.ceil(len(records) / cell.world)
+    prompts = [data_mod.render_prompt(r, cfg.data.template, cell.tokenizer) for r in mine]
+    prompts += prompts[:1] * (share - len(mine)) if mine else [data_mod.render_prompt(records[0], cfg.data.template,
+                                                                                       cell.tokenizer)] * share
+    e = cfg.eval
+    outputs = evaluate.generate(
+        cell.engine.module, cell.tokenizer, prompts, max_length=int(cfg.data.max_length),
+        max_prompt_length=int(cfg.data.max_prompt_length), batch_size=int(e.batch_size), do_sample=bool(e.do_sample),
+        top_k=int(e.top_k), top_p=float(e.top_p), temperature=float(e.temperature),
+        no_repeat_ngram_size=int(e.no_repeat_ngram_size), max_new_tokens=e.get("max_new_tokens"),
+        seed=int(e.seeds[0]), progress=False, truncation_side=cfg.data.get("truncation_side", "left"),
+        synced_gpus=cell.engine.zero_optimization_stage() == 3,
+    )
+    scores = evaluate.rouge_l_scores(outputs[: len(mine)], [list(r.outputs) for r in mine]) if mine else []
+    total, count = _all_reduce_sum([sum(scores), len(scores)], cell.device)
+    return total / max(count, 1.0)
+
+
+def _is_better(select: str, value: float, best: dict | None) -> bool:
+    return best is None or (value < best["value"] if select == "loss" else value > best["value"])
+
+
+def evaluate_and_select(cell: Cell, *, final: bool = False) -> dict[str, Any]:
+    """One evaluation (collective): validation metrics and, for `trainer.select`, its value; the student is
+    exported to `selected/` when it is the best so far (the final one is exported by `finish`). Returns the
+    evaluation record (also appended to `cell.progress.evaluations`)."""
+    select, p = cell.cfg.trainer.get("select", "last"), cell.progress
+    record: dict[str, Any] = {"step": p.step, **validate(cell)}
+    if select == "loss":
+        record["select"] = record.get("ce", math.inf)
+    elif select == "rougeL":
+        record["select"] = dev_rouge_l(cell)
+    p.evaluations.append(record)
+    if select != "last" and _is_better(select, record["select"], p.best):
+        p.best = {"step": p.step, "value": record["select"]}
+        if not final:
+            eng.export_hf(cell.engine, cell.tokenizer, _selected_dir(cell.run_dir, p.step), cell.rank)
+            if cell.rank == 0:
+                _prune_selected(cell.run_dir, keep={p.step, p.ckpt_best_step})
+    return record
+
+
 # --------------------------------------------------------------------------------------------- the end
 def finish(cell: Cell) -> dict[str, Any]:
     """Final validation, export of the student as a plain HF model (all ranks), then on rank 0 generation +
     ROUGE-L on every benchmark, metrics.json and the W&B summary. Returns the metrics."""
-    m, p, tcfg = cell.metrics, cell.progress, cell.cfg.trainer
+    m, p, sched = cell.metrics, cell.progress, cell.schedule
     if cell.bar is not None:
         cell.bar.close()
     train_time = time.time() - p.t_start  # this attempt's; time_s adds the earlier attempts' (checkpointed)
     if m.get("attempts"):
         m["attempts"][-1].update(end_step=p.step, time_s=round(train_time, 3))
-    m["valid"] = validate(cell)
-    m["train"].update(steps=int(tcfg.max_steps), tokens=p.tokens, time_s=round(p.time_before + train_time, 3),
+    final = evaluate_and_select(cell, final=True)
+    m["train"].update(steps=sched.max_steps, tokens=p.tokens, time_s=round(p.time_before + train_time, 3),
                       rollout=cell.rollout.summary(), attempts=len(m.get("attempts") or [1]),
                       tokens_per_s=(p.tokens - p.tokens_at_start) / max(train_time, 1e-9))
     m["train"].setdefault("final_loss", float("nan"))
+    if cell.device.type == "cuda":
+        m["train"]["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(cell.device) / 2**30, 3)
     student_dir = cell.run_dir / "student"
-    eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)
+    selected = p.best["step"] if p.best else sched.max_steps
+    if selected == sched.max_steps:
+        eng.export_hf(cell.engine, cell.tokenizer, student_dir, cell.rank)
+    elif cell.rank == 0:  # an earlier evaluation won: its export is the cell's student
+        shutil.rmtree(student_dir, ignore_errors=True)
+        os.replace(_selected_dir(cell.run_dir, selected), student_dir)
+    chosen = next(e for e in reversed(p.evaluations) if e["step"] == selected) if selected != p.step else final
+    m["valid"] = {k: v for k, v in chosen.items() if k not in ("step", "select")}
+    m["selection"] = {"by": cell.cfg.trainer.get("select", "last"), "step": selected,
+                      "value": chosen.get("select"), "evaluations": p.evaluations}
+    if cell.rank == 0:
+        shutil.rmtree(cell.run_dir / SELECTED_DIR, ignore_errors=True)
+    dist.barrier()
     cell.engine = cell.teacher = cell.teacher_engine = cell.cache = None  # free them before evaluation
     if cell.rank == 0:  # evaluation uses no collectives: the other ranks are done
         _evaluate_and_record(cell, student_dir)
@@ -765,14 +901,17 @@ def finish(cell: Cell) -> dict[str, Any]:
 
 def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
     """Generation + ROUGE-L on the exported (plain HF) model; metrics.json, W&B, drop the optimizer state."""
-    cfg, m, max_steps = cell.cfg, cell.metrics, int(cell.cfg.trainer.max_steps)
+    cfg, m, max_steps = cell.cfg, cell.metrics, cell.schedule.max_steps
     model = models.load_model(student_dir, torch.float32).to(cell.device)
+    t0 = time.time()
     m["eval"] = evaluate.evaluate_benchmarks(
         model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         template=cfg.data.template, max_length=int(cfg.data.max_length),
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
         truncation_side=str(cfg.data.get("truncation_side", "left")),
     )
+    generated = sum(r["n"] * len(r["seeds"]) for r in m["eval"].values())
+    m["eval_examples_per_s"] = round(generated / max(time.time() - t0, 1e-9), 2)  # batched generation throughput
     _end_attempt(m, "completed")
     m.update(status="completed", updated_at=runs.now_iso())
     gens = {b: evaluate.read_generations(cell.run_dir / "generations", b) for b in m["eval"]}
@@ -793,7 +932,6 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, status `interrupted` and a requeue where SLURM would not requeue it (preempt.Interrupted).
     """
     rank, world, _ = init_process(cfg)
-    max_steps = int(cfg.trainer.max_steps)
     with preempt.guard() as signals:
         prepared = prepare(cfg, rank, world)
         lock = lock_cell(cfg, prepared.run_dir, rank, world)
@@ -809,7 +947,7 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             with _failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker,
                                     where=lambda: _where(cell)):
                 signals.in_loop = True
-                while cell.progress.step < max_steps:
+                while cell.progress.step < cell.schedule.max_steps:
                     after_step(cell, train_step(cell, cell.progress.step), lock)
                 signals.in_loop = False
                 return finish(cell)

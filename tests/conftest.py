@@ -14,6 +14,27 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from distill.config import compose  # noqa: E402 (the tests' way to build the job's config)
 
+# LOCAL_RANK stays: DeepSpeed's engine reads it from the environment in every later in-process job, and a
+# child without RANK sets all five itself (engine.setup_distributed).
+RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous_env():
+    """Forget the rendezvous variables an in-process job exported once its test ends.
+
+    The first in-process job initialises torch.distributed in pytest's own process (the group lives on, its
+    TCPStore holding MASTER_PORT) and exports RANK, MASTER_PORT... for DeepSpeed. A `distill-train` subprocess
+    started by a later test would inherit them and try to listen on that very port (EADDRINUSE in CI).
+    """
+    before = {k: os.environ.get(k) for k in RENDEZVOUS_ENV}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:

@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from distill.config import CONF_DIR, ConfigError, problems, validate
+from distill.config import CONF_DIR, ConfigError, batch_plan, problems, schedule, validate
 from tests.conftest import compose
 
 
@@ -96,6 +96,43 @@ def test_batch_sizes_must_match_world_size():
     cfg = compose(["experiment=smoke", "trainer.micro_batch_size=4", "trainer.grad_accum=2", "trainer.global_batch_size=16"])
     assert problems(cfg, world_size=2) == []
     assert "global_batch_size=16 != micro_batch_size (4) x grad_accum (2) x world size (1) = 8" in problems(cfg, world_size=1)[0]
+    odd = compose(["experiment=smoke", "trainer.global_batch_size=9"])
+    assert "global_batch_size=9 is not divisible by the world size (2 ranks)" in problems(odd, world_size=2)[0]
+
+
+@pytest.mark.parametrize("world, cap, expected", [
+    (1, 8, (8, 4)), (2, 8, (8, 2)), (4, 8, (8, 1)), (8, 8, (4, 1)), (1, 5, (4, 8)), (3, 32, None),
+])
+def test_accumulation_is_derived_so_the_global_batch_holds_on_any_world_size(world, cap, expected):
+    trainer = {"global_batch_size": 32, "micro_batch_size": cap, "grad_accum": None}
+    if expected is None:
+        with pytest.raises(ConfigError, match="not divisible by the world size"):
+            batch_plan(trainer, world)
+        return
+    plan = batch_plan(trainer, world)
+    assert (plan.micro, plan.accum) == expected and plan.micro * plan.accum * world == 32 and plan.micro <= cap
+
+
+def test_epochs_become_steps_and_epoch_cadence_becomes_steps():
+    trainer = {"global_batch_size": 32, "micro_batch_size": 8, "grad_accum": None, "max_steps": None, "epochs": 3,
+               "eval_every": "epoch", "ckpt_every": 50}
+    s = schedule(trainer, 2, n_train=1000)   # 1000 // 32 = 31 steps per epoch, the rest dropped
+    assert (s.steps_per_epoch, s.max_steps, s.eval_every, s.ckpt_every) == (31, 93, 31, 50) and s.epochs == 3
+    assert schedule({**trainer, "epochs": None, "max_steps": 40}, 1, 1000).max_steps == 40
+    with pytest.raises(ConfigError, match="smaller than one global batch"):
+        schedule(trainer, 1, n_train=20)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.epochs=2"], "set exactly one of them"),
+    (["trainer.max_steps=null"], "set exactly one of them"),
+    (["trainer.global_batch_size=0"], "trainer.global_batch_size=0: must be an integer >= 1"),
+    (["trainer.grad_accum=0"], "trainer.grad_accum=0: must be null (derived)"),
+    (["trainer.eval_every=weekly"], "trainer.eval_every='weekly': must be a number of steps >= 0"),
+    (["trainer.select=bleu"], "trainer.select='bleu': must be one of ['last', 'loss', 'rougeL']"),
+])
+def test_trainer_length_and_selection_problems(overrides, message):
+    assert any(message in p for p in problems(compose(["experiment=smoke", *overrides])))
 
 
 def test_several_problems_are_all_reported():

@@ -123,7 +123,7 @@ def test_cell_table_and_drill_down(sweep):
                       html)
     status = {d: s for _, d, s in rows}
     assert len(rows) == len(report.scan_sweep(sweep))
-    assert status["fkl-tau1-s0-45807ce7"] == "completed" and status["fkl-tau4-s2-832e24eb"] == "running"
+    assert status["fkl-tau1-s0-45807ce7"] == "completed" and status["fkl-tau4-s2-832e24eb"] == "stale"
     assert status["jsd-tau4-s2-8f263476"] == "missing" and status["rkl-tau4-s2-8e6c8912"] == "failed"
     cell_id = next(i for i, d, _ in rows if d == "fkl-tau1-s0-45807ce7")
     section = re.search(rf"<section class='drill' id='{cell_id}' hidden>(.*?)</section>", html, re.S).group(1)

@@ -342,3 +342,8 @@ def test_encode_records_follows_the_data_config(tok):
     right = data.encode_records(tok, long, {**short, "truncation_side": "right"})[0]
     prompt = ids(tok, render_prompt(long[0], "alpaca"))
     assert left["input_ids"][:16] == prompt[-16:] and right["input_ids"][:16] == prompt[:16]
+
+
+def test_qwen_template_is_minillms_wrapped_alpaca():
+    text = render_prompt(REC_NO_INPUT, "alpaca_qwen")
+    assert text == "<|im_start|>" + render_prompt(REC_NO_INPUT, "alpaca") + "<|im_end|><|im_start|>Assistant:"

@@ -1,44 +1,40 @@
-"""The main job at smoke size: every stage, every cell, the SFT baseline, the report; then a second run that trains nothing."""
+"""distill-demo is the `demo` recipe of distill-pipeline (its end-to-end run: tests/test_pipeline.py)."""
 
-import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
-import pytest
+from distill import demo, pipeline
+from tests.conftest import compose
 
 
-@pytest.mark.slow
-def test_scaled_down_demo_end_to_end_then_cached(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "distill.demo", "--scale", "ci", "--root", str(tmp_path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_demo_recipe_composes_the_demo_presets_exactly(tmp_path):
+    """The recipe's stages are the former experiment presets: the same configs, so the same cells and results."""
+    from omegaconf import OmegaConf
 
-    cells = sorted((tmp_path / "demo").glob("*/metrics.json"))
-    metrics = [json.loads(p.read_text()) for p in cells]
-    distilled = [m for m in metrics if m["cell"]["divergence"] != "sft"]
-    grid = {(m["cell"]["divergence"], m["cell"]["tau"]) for m in distilled}
-    assert grid == {(d, t) for d in ("fkl", "rkl", "jsd") for t in (1.0, 2.0)}
-    assert all(m["status"] == "completed" for m in metrics)
-    # Distillation cells read the prep stages' teacher and warm start.
-    prep = {p.parent.name for p in (tmp_path / "demo-prep").glob("*/metrics.json")}
-    assert len(prep) == 2 and all(m["cell"]["teacher"].endswith("/student") for m in distilled)
-    # The fair baseline: SFT continued from the same warm start, same steps, one cell per seed.
-    (sft,) = [m for m in metrics if m["cell"]["divergence"] == "sft"]
-    assert sft["cell"]["kd_ratio"] == 0.0 and sft["cell"]["teacher"] is None
-    assert sft["cell"]["student"] == distilled[0]["cell"]["student"]
-    assert sft["train"]["steps"] == distilled[0]["train"]["steps"]
-    report = (tmp_path / "demo" / "report.md").read_text()
-    for div in ("sft", "fkl", "rkl", "jsd"):
-        assert f"| {div} |" in report
-    assert "| fkl − sft (objective − SFT" in report   # "; best − second" may follow
-    assert "FKL − RKL" in report and (tmp_path / "demo" / "report.png").stat().st_size > 10_000
-    assert "distill-demo finished" in first.stdout
+    pairs = [(["recipe=demo/teacher"], ["experiment=[demo,teacher,demo_teacher]", "sweep_name=demo-prep"]),
+             (["recipe=demo/student"], ["experiment=[demo,demo_student]", "sweep_name=demo-prep"]),
+             (["recipe=demo/distill"], ["+sweep=demo"])]
+    for new, old in pairs:
+        assert OmegaConf.to_container(compose(new), resolve=True) == OmegaConf.to_container(compose(old), resolve=True)
 
-    logs = sorted((tmp_path).glob("*/*/train_log.jsonl"))
-    before = {p: p.stat().st_mtime_ns for p in logs}
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in logs} == before  # nothing trained again
-    assert second.stdout.count("already completed") + second.stderr.count("already completed") >= 2
+
+def test_distill_demo_runs_the_demo_recipe_locally(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(recipe, root, **kw):
+        calls.append((recipe, Path(root), kw))
+        report = tmp_path / "report.md"
+        report.write_text("| fkl | ... |\n")
+        return {"report": {"report.md": report}}
+
+    monkeypatch.setattr(demo, "run_pipeline", fake_run)
+    assert demo.main(["--root", str(tmp_path), "--scale", "ci", "--parallel", "3"]) == 0
+    [(recipe, root, kw)] = calls
+    assert recipe == "demo" and root == tmp_path and kw["launcher"] == "local" and kw["parallel"] == 3
+    assert kw["grid"] == demo.SCALES["ci"]["grid"] and "distill-demo finished" in capsys.readouterr().out
+
+
+def test_prep_model_dirs_are_the_pipelines_sft_exports(tmp_path):
+    dirs = demo.prep_model_dirs(tmp_path)
+    stages = pipeline.plan("demo", tmp_path)
+    assert dirs == {"teacher": stages["teacher"].export, "student": stages["student"].export}
+    assert dirs["teacher"].parent.name.startswith("sft-toy-4x128-s0-")

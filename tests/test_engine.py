@@ -168,3 +168,15 @@ def test_schedule_state_survives_a_checkpoint():
     resumed = lr_schedule(opt2, 3, 10, 0.1)
     resumed.load_state_dict(state)
     assert resumed.get_last_lr() == sched.get_last_lr()
+
+def test_a_job_started_after_in_process_ones_gets_its_own_rendezvous_port():
+    # The tests above initialised torch.distributed in this process; its TCPStore holds MASTER_PORT for the
+    # rest of the session. conftest forgets the exported variables after each test, so a child job (a
+    # pipeline stage, a SLURM job inheriting pytest's environment) picks a free port instead of that one.
+    import subprocess
+    import sys
+
+    assert not any(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+    child = subprocess.run([sys.executable, "-c", "from distill import engine; print(engine.setup_distributed(30))"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0 and "(0, 1)" in child.stdout, child.stderr[-2000:]

@@ -359,7 +359,8 @@ def test_generation_under_zero3_gathers_the_weights(tok, stage):
     plain = tiny_lm(tok, seed=4)
     sharded = copy.deepcopy(plain).train()
     trainer = dict(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=stage, lr=1e-3, betas=[0.9, 0.95],
-                   weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1)
+                   weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1,
+                   global_batch_size=2)
     engine = eng.initialize(sharded, trainer, 1)
     assert all(p.numel() == 0 for p in engine.module.parameters())  # really partitioned outside forwards
     prompts = prompts_of(tok)
@@ -396,11 +397,11 @@ def test_offline_keeps_the_old_signature_and_names_tell_rollouts_apart():
     old = OmegaConf.to_container(cfg, resolve=True)
     del old["rollout"]
     assert runs.signature(cfg) == runs.signature(old)
-    assert runs.cell_name(cfg) == "fkl-tau1-s0"
+    assert runs.cell_name(cfg) == "fkl-tau1-toy-2x32-s0"
     on = compose(["experiment=smoke", "rollout=on_policy", "rollout.lmbda=0"])
-    assert runs.cell_name(on) == "fkl-tau1-onpolicy0-s0" and runs.signature(on) != runs.signature(cfg)
-    assert runs.cell_name(compose(["experiment=smoke", "rollout=sgo", "divergence=skl"])) == "skl-tau1-sgo-s0"
-    assert runs.cell_name(compose(["experiment=smoke", "rollout=seq_kd", "loss.kd_ratio=0"])) == "sft-seqkd-s0"
+    assert runs.cell_name(on) == "fkl-tau1-onpolicy0-toy-2x32-s0" and runs.signature(on) != runs.signature(cfg)
+    assert runs.cell_name(compose(["experiment=smoke", "rollout=sgo", "divergence=skl"])) == "skl-tau1-sgo-toy-2x32-s0"
+    assert runs.cell_name(compose(["experiment=smoke", "rollout=seq_kd", "loss.kd_ratio=0"])) == "sft-seqkd-toy-2x32-s0"
     assert json.dumps(runs.result_config(on)["rollout"]["lmbda"]) == "0.0"
 
 
@@ -419,7 +420,7 @@ def test_lmbda_zero_trains_bit_identically_to_offline(smoke_cfg, tmp_path):
 
     off = run_cell(smoke_cfg("eval.max_examples=2", f"paths.root={tmp_path}/off"))
     zero = run_cell(smoke_cfg("eval.max_examples=2", "rollout=on_policy", "rollout.lmbda=0", f"paths.root={tmp_path}/z"))
-    assert zero["name"] == "fkl-tau1-onpolicy0-s0" and zero["cell"]["rollout"] == "on_policy λ=0"
+    assert zero["name"] == "fkl-tau1-onpolicy0-toy-2x32-s0" and zero["cell"]["rollout"] == "on_policy λ=0"
     assert zero["train"]["rollout"]["micro_batches"] == {"offline": 6, "generated": 0, "replayed": 0}
     assert zero["train"]["final_loss"] == off["train"]["final_loss"]
     w_off, w_zero = _weights(Path(off["run_dir"])), _weights(Path(zero["run_dir"]))
@@ -442,7 +443,7 @@ def test_killed_rollout_cell_resumes_like_the_unkilled_one(rollout, smoke_cfg, t
     from pathlib import Path
 
     from distill import engine as eng
-    from distill import inputs, runs
+    from distill import inputs
     from distill.train import run_cell
 
     common = [*ROLLOUT_CELLS[rollout], "eval.max_examples=2", "rollout.sampling.max_new_tokens=12"]
@@ -454,7 +455,7 @@ def test_killed_rollout_cell_resumes_like_the_unkilled_one(rollout, smoke_cfg, t
     log = (Path(straight["run_dir"]) / "train_log.jsonl").read_text()
     assert "rollout/generated_frac" in log
     if rollout == "sgo":
-        assert straight["name"] == "skl-tau1-sgo-s0" and straight["train"]["rollout"]["buffer"] == 8
+        assert straight["name"] == "skl-tau1-sgo-toy-2x32-s0" and straight["train"]["rollout"]["buffer"] == 8
         assert '"valid/ce"' in log.splitlines()[0]  # the dev loss before training (DistiLLM's reference)
 
     real_save = eng.save_checkpoint
@@ -490,7 +491,7 @@ def test_seq_kd_cells_share_one_file_of_teacher_samples(smoke_cfg, tmp_path):
               "rollout.sampling.max_new_tokens=12", "eval.max_examples=2"]
     seqkd = run_cell(smoke_cfg(*common, "loss.kd_ratio=0"))          # classic SeqKD: CE on the teacher's samples
     word = run_cell(smoke_cfg(*common, "divergence=rkl", "tau=2"))   # + the token-level divergence on them
-    assert seqkd["name"] == "sft-seqkd-s0" and word["name"] == "rkl-tau2-seqkd-s0"
+    assert seqkd["name"] == "sft-seqkd-toy-2x32-s0" and word["name"] == "rkl-tau2-seqkd-toy-2x32-s0"
     assert seqkd["status"] == word["status"] == "completed" and word["cell"]["rollout"] == "seq_kd"
     assert len(list((tmp_path / "cache").glob("seqkd-*.safetensors"))) == 1
 
@@ -511,7 +512,8 @@ bias[7] = 50.0 if rank == 0 else -50.0   # rank 0 stops after one token, rank 1 
 model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
 plain = copy.deepcopy(model)
 trainer = dict(micro_batch_size=2, grad_accum=1, grad_clip=1.0, zero_stage=3, lr=1e-3, betas=[0.9, 0.95],
-               weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1)
+               weight_decay=0.0, precision="fp32", warmup_steps=0, max_steps=10, min_lr_ratio=0.1,
+               global_batch_size=2 * world)
 engine = eng.initialize(model, trainer, world)
 prompts = [[1, 2, 3, 4], [5, 6]] if rank == 0 else [[9, 10, 11], [12]]
 kw = dict(sampling={"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 10}, seed=rank, pad_id=0, eos_id=7,

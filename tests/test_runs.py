@@ -37,21 +37,34 @@ def test_signature_is_stable_and_short():
 @pytest.mark.parametrize(
     "overrides, name",
     [
-        (["divergence=fkl", "tau=2"], "fkl-tau2-s0"),
-        (["divergence=rkl", "tau=0.5", "seed=3"], "rkl-tau0.5-s3"),
-        (["loss.kd_ratio=0"], "sft-s0"),
-        (["divergence=jsd", "loss.kd_ratio=0.5"], "jsd-tau1-kd0.5-s0"),
+        (["divergence=fkl", "tau=2"], "fkl-tau2-toy-2x64-s0"),
+        (["divergence=rkl", "tau=0.5", "seed=3"], "rkl-tau0.5-toy-2x64-s3"),
+        (["loss.kd_ratio=0"], "sft-toy-2x64-s0"),
+        (["experiment=teacher"], "sft-toy-4x192-s0"),   # the teacher's SFT names the teacher's sizes
+        (["divergence=jsd", "loss.kd_ratio=0.5"], "jsd-tau1-kd0.5-toy-2x64-s0"),
+        (["recipe=gpt2-xl_gpt2/teacher"], "sft-gpt2-xl-s0"),
+        (["recipe=gpt2-xl_gpt2/student"], "sft-gpt2-s0"),
+        (["recipe=gpt2-xl_gpt2/distill", "divergence=rkl", "tau=2"], "rkl-tau2-gpt2-s0"),
+        (["model.student.name=null", "model.student.path=/runs/sft-gpt2-s0-1234abcd/student"], "fkl-tau1-sft-gpt2-s0-1234abcd-s0"),
     ],
 )
-def test_cell_name_is_readable(overrides, name):
+def test_cell_name_is_readable_and_names_the_trained_model(overrides, name):
     assert runs.cell_name(compose(overrides)) == name
+
+
+def test_how_the_global_batch_is_split_is_not_part_of_the_identity():
+    base = ["experiment=smoke", "trainer.global_batch_size=8"]
+    one = runs.signature(compose([*base, "trainer.micro_batch_size=8"]))
+    assert runs.signature(compose([*base, "trainer.micro_batch_size=2", "trainer.grad_accum=4"])) == one
+    assert runs.signature(compose([*base, "trainer.gradient_checkpointing=true", "model.student.name=x"])) == one
+    assert runs.signature(compose(["experiment=smoke", "trainer.global_batch_size=16"])) != one
 
 
 def test_run_dir_is_derived_from_the_config_not_the_clock(tmp_path):
     cfg = compose([f"paths.root={tmp_path}", "sweep_name=demo", "tau=2"])
     d = runs.run_dir(cfg)
     assert d.parent == tmp_path / "demo"
-    assert d.name == f"fkl-tau2-s0-{runs.signature(cfg)}"
+    assert d.name == f"fkl-tau2-toy-2x64-s0-{runs.signature(cfg)}"
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):

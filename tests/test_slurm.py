@@ -152,7 +152,7 @@ def reference(tmp_path_factory):
 
     def metrics() -> dict:
         assert proc.wait(timeout=900) == 0, tail(tmp / "reference.log")
-        (cell,) = (tmp / "out" / "reference").glob("fkl-tau2-s0-*")
+        (cell,) = (tmp / "out" / "reference").glob("fkl-tau2-*s0-*")
         return read_metrics(cell)
 
     yield metrics
@@ -175,7 +175,7 @@ def test_stopped_cell_resumes_from_its_checkpoint(cluster, reference, tmp_path, 
             [str(BIN / "distill-train"), "-m", "hydra/launcher=slurm_cpu", f"sweep_name={sweep_name}", "logger=wandb",
              CALLBACK, PREEMPT_CALLBACK, *PREEMPT_CELL], cwd=tmp_path, env=job_env(out), stdout=f, stderr=subprocess.STDOUT)
         try:
-            latest = wait_for(lambda: next((out / sweep_name).glob("fkl-tau2-s0-*/checkpoints/latest"), None),
+            latest = wait_for(lambda: next((out / sweep_name).glob("fkl-tau2-*s0-*/checkpoints/latest"), None),
                               900, "the first checkpoint", [slurm])
             job = subprocess.run(["squeue", "-h", "-n", job_name, "-o", "%i"], capture_output=True, text=True).stdout.split()
             assert len(job) == 1, f"expected one running job named {job_name}, squeue says {job}"

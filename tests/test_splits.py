@@ -3,6 +3,7 @@ the Hub path offline), held-out splits, overlap removal and config errors."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -101,3 +102,88 @@ def test_load_data_accepts_the_composed_hydra_config(tmp_path):
     assert set(splits.benchmarks) == set(cfg.data.benchmarks) and len(splits.train) == 22
     dolly = compose(["data=dolly"]).data
     assert dolly.kind == "hub" and dolly.benchmark_limits.uninst == 10000  # the contract keys exist
+
+
+@pytest.fixture
+def tok(alpaca_tokenizer):
+    return alpaca_tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# MiniLLM's released layout and split (item: "the Dolly split equals MiniLLM's")
+
+MINILLM = FIX / "minillm_layout"
+
+
+def minillm_process_data_dolly(raw_jsonl: Path, tokenizer, dev_num: int, max_prompt_length: int):
+    """MiniLLM's split, transcribed from LMOps minillm/tools/process_data_dolly.py (the reference):
+    read raw.jsonl lines; valid = lines[:dev_num], train = lines[dev_num:]; per line, render the
+    Alpaca prompt, tokenize it without special tokens and drop the line when it has more than
+    max_prompt_length tokens. Returns {split: [(instruction, input, output)]}."""
+    lines = raw_jsonl.read_text().splitlines(keepends=True)
+    out = {}
+    for split, chunk in (("valid", lines[:dev_num]), ("train", lines[dev_num:])):
+        kept = []
+        for line in chunk:
+            row = json.loads(line)
+            if "input" not in row or len(row["input"]) == 0:
+                prompt = ("Below is an instruction that describes a task. "
+                          "Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n{instruction}\n\n### Response:\n").format(instruction=row["instruction"])
+            else:
+                prompt = ("Below is an instruction that describes a task, paired with an input that provides further "
+                          "context. Write a response that appropriately completes the request.\n\n"
+                          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n").format(
+                    instruction=row["instruction"], input=row["input"])
+            if len(tokenizer.encode(prompt, add_special_tokens=False)) > max_prompt_length:
+                continue
+            kept.append((row["instruction"], row["input"], row["output"]))
+        out[split] = kept
+    return out
+
+
+def _minillm_cfg(**kw):
+    cfg = compose(["data=dolly_minillm", f"data.dir={MINILLM}", *[f"data.{k}={v}" for k, v in kw.items()]]).data
+    return cfg
+
+
+def _triples(records):
+    return [(r.instruction, r.input, r.outputs[0]) for r in records]
+
+
+def test_minillm_layout_reads_dolly_and_the_four_other_eval_sets(tmp_path, tok):
+    splits = load_data(_minillm_cfg(valid_size=5), tmp_path, tokenizer=tok)
+    sizes = {name: len(recs) for name, recs in splits.benchmarks.items()}
+    assert sizes == {"dolly": 6, "selfinst": 2, "vicuna": 2, "sinst": 2, "uninst": 3}
+    # the test set is valid.jsonl (never part of raw.jsonl's train/dev pool), read with its `prompt` key ignored
+    assert splits.benchmarks["dolly"][0].instruction == "What colour is the sky on a clear day?"
+    assert splits.benchmarks["uninst"][1].outputs == ("mice",)
+
+
+@pytest.mark.parametrize("max_prompt_length", [100, 256, 2000])
+def test_dolly_split_equals_minillm_process_data_dolly(tmp_path, tok, max_prompt_length):
+    cfg = _minillm_cfg(valid_size=5, max_prompt_length=max_prompt_length, max_length=max_prompt_length + 64)
+    ours = load_data(cfg, tmp_path, tokenizer=tok)
+    theirs = minillm_process_data_dolly(MINILLM / "dolly" / "raw.jsonl", tok, 5, max_prompt_length)
+    assert _triples(ours.train) == theirs["train"] and _triples(ours.valid) == theirs["valid"]
+    dropped = 28 - len(theirs["train"]) - len(theirs["valid"])
+    assert ours.stats["train_prompts_over_max"] + ours.stats["valid_prompts_over_max"] == dropped
+    if max_prompt_length <= 256:
+        assert dropped > 0  # the fixture holds prompts over the limit: the rule is exercised
+
+
+def test_long_prompt_policy_needs_a_tokenizer_and_a_known_value(tmp_path, tok):
+    with pytest.raises(ValueError, match="long_prompts=drop counts prompt tokens"):
+        load_data(_minillm_cfg(valid_size=5), tmp_path)
+    with pytest.raises(ValueError, match="data.long_prompts='cut'"):
+        load_data(_minillm_cfg(valid_size=5, long_prompts="cut"), tmp_path, tokenizer=tok)
+    with pytest.raises(ValueError, match="left no training examples"):
+        load_data(_minillm_cfg(valid_size=5, max_prompt_length=3, max_length=64), tmp_path, tokenizer=tok)
+
+
+def test_truncate_policy_keeps_long_prompts_and_counts_them(tmp_path, tok):
+    """data=dolly's default keeps every long prompt (truncated at encode time), only counting them."""
+    cfg = _minillm_cfg(valid_size=5, max_prompt_length=100, long_prompts="truncate", drop_overlap=True)
+    splits = load_data(cfg, tmp_path, tokenizer=tok)
+    assert len(splits.train) == 23 and splits.stats["train_prompts_over_max"] > 0
+

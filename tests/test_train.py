@@ -32,6 +32,23 @@ def test_sample_indices_cover_each_epoch_once_and_split_ranks():
         sample_indices(n, 0, 0, 0, world=2, micro_bs=2, grad_accum=1, seed=7)  # next epoch reshuffled
 
 
+@pytest.mark.parametrize("n", [30, 32, 5])
+def test_a_steps_examples_depend_on_the_global_batch_not_on_its_split(n):
+    """The same examples in each step whether 8 = 8 x 1 x 1, 2 x 4 x 1, 4 x 1 x 2 or 1 x 2 x 4 (micro x accum x world)."""
+    splits = [(8, 1, 1), (2, 4, 1), (4, 1, 2), (1, 2, 4)]
+    for step in range(9):
+        seen = []
+        for micro_bs, accum, world in splits:
+            ids = [i for m in range(accum) for r in range(world)
+                   for i in sample_indices(n, step, m, r, world=world, micro_bs=micro_bs, grad_accum=accum, seed=3)]
+            seen.append(sorted(ids))
+        assert all(x == seen[0] for x in seen) and len(seen[0]) == 8
+    if n >= 8:  # an epoch is n // 8 steps of distinct examples (the last partial batch dropped), then reshuffled
+        per_epoch = n // 8
+        epoch = [i for step in range(per_epoch) for i in sample_indices(n, step, 0, 0, world=1, micro_bs=8, grad_accum=1, seed=3)]
+        assert len(set(epoch)) == per_epoch * 8
+
+
 def test_smoke_cell_end_to_end(smoke_cfg):
     cfg = smoke_cfg("divergence=rkl", "tau=2")
     m = run_cell(cfg)
@@ -147,6 +164,61 @@ def test_a_failure_in_setup_is_recorded(smoke_cfg, monkeypatch):
     assert m["status"] == "failed" and m["error"] == "RuntimeError: no such architecture"
 
 
+SELECT = ["trainer.select=loss", "trainer.eval_every=2", "trainer.ckpt_every=2", "eval.max_examples=2"]
+
+
+def _dev_losses(monkeypatch, by_step: dict[int, float]) -> None:
+    """Crafted dev losses per evaluation step, so which checkpoint wins is known in advance."""
+    monkeypatch.setattr(train, "validate", lambda cell: {"ce": by_step[cell.progress.step]})
+
+
+def test_selection_by_dev_loss_exports_and_evaluates_the_best_evaluation(smoke_cfg, tmp_path, monkeypatch):
+    _dev_losses(monkeypatch, {2: 0.5, 4: 0.9, 6: 0.8})
+    m = run_cell(smoke_cfg(*SELECT, "trainer.keep_ckpts=5", "trainer.keep_final_ckpt=true"))
+    d = Path(m["run_dir"])
+    assert m["selection"]["by"] == "loss" and m["selection"]["step"] == 2 and m["selection"]["value"] == 0.5
+    assert [e["step"] for e in m["selection"]["evaluations"]] == [2, 4, 6]
+    assert m["valid"] == {"ce": 0.5}  # the selected checkpoint's validation, not the last one's
+    # the exported (and evaluated) student is the model of step 2, not of step 6
+    at_2 = torch.load(d / eng.CKPT_DIR / "step00000002" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    at_4 = torch.load(d / eng.CKPT_DIR / "step00000004" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    student = _weights(d)
+    assert all(torch.equal(student[k], at_2[k].float()) for k in student)
+    assert not all(torch.equal(student[k], at_4[k].float()) for k in student)
+    assert not (d / train.SELECTED_DIR).exists()
+
+
+def test_selection_survives_kill_and_resume(smoke_cfg, tmp_path, monkeypatch):
+    _dev_losses(monkeypatch, {2: 0.5, 4: 0.4, 6: 0.9})  # step 4 wins; the cell is killed right after it
+    straight = run_cell(smoke_cfg(*SELECT, f"paths.root={tmp_path}/straight"))
+    real_save = eng.save_checkpoint
+
+    def save_then_die(engine, run_dir, step, client_state, keep):
+        real_save(engine, run_dir, step, client_state, keep)
+        if step == 4:
+            raise RuntimeError("killed after checkpoint at step 4")
+
+    cfg = smoke_cfg(*SELECT, f"paths.root={tmp_path}/resumed")
+    monkeypatch.setattr(eng, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="step 4"):
+        run_cell(cfg)
+    monkeypatch.setattr(eng, "save_checkpoint", real_save)
+    resumed = run_cell(cfg)
+    assert resumed["train"]["resumed_from_step"] == 4 and resumed["selection"]["step"] == straight["selection"]["step"] == 4
+    w_a, w_b = _weights(Path(straight["run_dir"])), _weights(Path(resumed["run_dir"]))
+    for k in w_a:
+        torch.testing.assert_close(w_a[k], w_b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_selection_by_dev_rouge_l_generates_on_the_validation_split(smoke_cfg):
+    m = run_cell(smoke_cfg("trainer.select=rougeL", "trainer.select_examples=4", "trainer.eval_every=3",
+                           "eval.max_examples=2"))
+    evals = m["selection"]["evaluations"]
+    assert [e["step"] for e in evals] == [3, 6] and all(0.0 <= e["select"] <= 100.0 for e in evals)
+    best = max(evals, key=lambda e: e["select"])  # ties keep the earlier one
+    assert m["selection"]["step"] == best["step"] and m["selection"]["value"] == best["select"]
+
+
 def test_sft_mode_loads_no_teacher(smoke_cfg, monkeypatch):
     from distill import models
 
@@ -167,8 +239,8 @@ def test_wandb_run_of_a_resumed_cell_holds_every_step_once(smoke_cfg, monkeypatc
     cfg = smoke_cfg("logger=wandb", "logger.mode=offline", "eval.max_examples=2", "sweep_name=wb")
     real_after_step = train.after_step
 
-    def die_after_step_4(cell, result):   # step 4 is logged, the last checkpoint is at step 3
-        real_after_step(cell, result)
+    def die_after_step_4(cell, result, *rest):   # step 4 is logged, the last checkpoint is at step 3
+        real_after_step(cell, result, *rest)
         if result["step"] == 4:
             raise RuntimeError("killed after step 4")
 
@@ -236,6 +308,32 @@ def test_two_process_torchrun_zero3(tmp_path, data_root):
     m = json.loads(metrics_file.read_text())
     assert m["status"] == "completed" and m["train"]["tokens"] > 0
     assert (metrics_file.parent / "student" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_global_batch_is_the_same_on_one_and_two_processes(tmp_path, data_root):
+    """One global batch of 8, split 2 x 4 on one process and 2 x 2 x 2 ranks under torchrun: the same cell
+    (signature, dir), the same examples and tokens per step, the same trained weights."""
+    from tests.conftest import compose
+
+    common = ["experiment=smoke", "trainer.global_batch_size=8", "trainer.micro_batch_size=2", "eval.max_examples=2",
+              f"paths.data_dir={data_root}"]
+    one = run_cell(compose([*common, f"paths.root={tmp_path}/one"]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distill.train",
+           *common, f"paths.root={tmp_path}/two"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [metrics_file] = list((tmp_path / "two").glob("adhoc/*/metrics.json"))
+    two = json.loads(metrics_file.read_text())
+    assert two["signature"] == one["signature"] and metrics_file.parent.name == Path(one["run_dir"]).name
+    assert (one["train"]["world_size"], one["train"]["grad_accum"], two["train"]["world_size"], two["train"]["grad_accum"]) \
+        == (1, 4, 2, 2)
+    for m in (one, two):
+        assert (m["train"]["global_batch_size"], m["train"]["micro_batch_size"]) == (8, 2)
+    assert two["train"]["tokens"] == one["train"]["tokens"]  # the same examples, step by step
+    w_one, w_two = _weights(Path(one["run_dir"])), _weights(metrics_file.parent)
+    for k in w_one:
+        torch.testing.assert_close(w_one[k], w_two[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
