@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from distill.runs import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "cell.lock"
@@ -259,9 +261,7 @@ class CellLock:
                       holder.describe() if holder else "nobody")
             return False
         self.me.updated_at = time.time()
-        tmp = self.path.with_name(f".{LOCK_FILE}.{self.me.token}")
-        tmp.write_text(self.me.to_json())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, self.me.to_json())
         return True
 
     # ------------------------------------------------------------------ releasing

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from distill.chunked_losses import LogitTransform, head_logits
 from distill.config import PRECISIONS, InputError
+from distill.runs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     same class built from the config without `quantization_config`. Written to a temp dir and
     renamed: a reader never sees half a checkpoint; an existing `out_dir` is returned as is.
     """
-    import shutil
-
     from transformers import AutoConfig
 
     out_dir = Path(out_dir)
@@ -342,16 +341,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     config = AutoConfig.for_model(**config_dict)
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if (out_dir / "config.json").is_file():   # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+    with atomic_path(out_dir) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 
@@ -374,8 +366,6 @@ def first_layers(model_dir: str | Path, n_layers: int, out_dir: str | Path) -> P
     embeddings, final norm and head (a common student initialisation), saved as a HF dir with the
     same tokenizer. Works for models whose config counts blocks in `num_hidden_layers` (Llama, Qwen,
     Mistral, OPT) or `n_layer` (GPT-2)."""
-    import shutil
-
     from transformers import AutoConfig
 
     out_dir = Path(out_dir)
@@ -395,12 +385,8 @@ def first_layers(model_dir: str | Path, n_layers: int, out_dir: str | Path) -> P
     # every weight of the small model comes from the big one; only blocks >= n_layers are left over
     if [k for k in missing if "rotary_emb" not in k]:
         raise ValueError(f"cannot initialise the first {n_layers} layers from {model_dir}: missing {missing[:5]}")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    small.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(tmp)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    with atomic_path(out_dir) as tmp:
+        small.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(tmp)
     return out_dir
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill.data import IGNORE_INDEX, left_pad
+from distill.runs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -379,11 +379,9 @@ class Rollout:
     def save(self, directory: Path, rank: int) -> Path:
         """Write this rank's state atomically into `directory` (a checkpoint tag dir)."""
         path = self.state_path(directory, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state_dict()
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"state": json.dumps(meta)})
         return path
 
     def load(self, directory: Path, rank: int) -> None:

@@ -36,7 +36,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -265,13 +264,8 @@ def _shard_name(start: int, stop: int) -> str:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with runs.atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _broadcast_str(text: str, group=None) -> str:
