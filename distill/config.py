@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from distill.chunked_losses import IMPLS
 from distill.losses import DIVERGENCES, TAU_TARGETS, divergence_per_token
+from distill.teacher_cache import SETTINGS as CACHE_SETTINGS
 
 # conf/ sits next to the package (editable install): an absolute path works however the app is started.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -39,7 +40,6 @@ class InputError(ConfigError):
 
 SELECTIONS = ("last", "loss", "rougeL")   # trainer.select: which evaluation's checkpoint is the result
 EPOCH = "epoch"                           # trainer.eval_every / ckpt_every: once per epoch
-_CACHE_SETTINGS = (False, True, "auto", "hidden", "logits")  # distill.teacher_cache.SETTINGS
 
 
 def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
@@ -84,7 +84,7 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     if loss.impl not in IMPLS:
         out.append(f"loss.impl={loss.impl!r}: must be one of {list(IMPLS)}")
     cache, topk = loss.get("teacher_cache", False), loss.get("teacher_cache_topk")
-    if cache not in _CACHE_SETTINGS:
+    if cache not in CACHE_SETTINGS:
         out.append(f"loss.teacher_cache={cache!r}: must be one of false, true, auto (the smaller exact form when "
                    "model.teacher.path is set), hidden, logits")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
