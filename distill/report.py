@@ -546,7 +546,9 @@ def describe_variance(summary: Summary, bench: str) -> str:
     what = (f"over the {len(splits)} entries with ≥ 2 training and ≥ 2 eval seeds, the median spread over "
             f"training seeds is {train_std:.2f} (std of the cell scores) and over eval seeds {eval_std:.2f} "
             f"(pooled std within a training seed, {k:g} eval seeds, so ± {eval_std / math.sqrt(k):.2f} on a cell's "
-            f"score): eval sampling explains a median {share:.0%} of the variance between training seeds")
+            f"score): eval sampling explains a median {share:.0%} of the variance between training seeds"
+            + (" (100%: eval sampling alone predicts as much variation between training seeds as was seen, or more)"
+               if share >= 1.0 else ""))
     if who == "training seeds":
         verdict = (f"**training seeds dominate** ({agree} of {len(splits)} entries taken one by one): more training seeds, not "
                    "more eval seeds, would narrow the comparisons")

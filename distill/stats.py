@@ -179,7 +179,8 @@ class VarianceSplit:
     n_eval: float         # eval seeds per training seed (mean over training seeds)
     train_std: float      # sample std over training seeds of the cell scores (each a mean over eval seeds)
     eval_std: float       # pooled sample std over eval seeds within a training seed
-    eval_share: float     # (eval_std^2 / n_eval) / train_std^2: how much of train_std^2 eval sampling explains
+    eval_share: float     # (eval_std^2 / n_eval) / train_std^2, capped at 1: how much of train_std^2 eval
+                          # sampling explains (1 = all of it: the training seeds' own part estimates at 0)
 
     @property
     def dominant(self) -> str:
@@ -212,10 +213,13 @@ def variance_split(per_train_seed: Sequence[Sequence[float]]) -> VarianceSplit:
     within = [g.var(ddof=1) for g in groups if g.size >= 2]
     eval_std = float(math.sqrt(np.mean(within))) if within else math.nan
     n_eval = float(np.mean([g.size for g in groups])) if groups else math.nan
+    # Var(cell score) = sigma_train^2 + sigma_eval^2 / k. The method-of-moments estimate of the training seeds'
+    # part, train_std^2 - eval_std^2 / k, is negative whenever eval sampling alone predicts more spread than was
+    # seen (common with 3 seeds); truncated at 0 as usual, eval sampling then explains all of it: share 1.
     if math.isfinite(train_std) and math.isfinite(eval_std) and train_std > 0:
-        share = (eval_std ** 2 / n_eval) / train_std ** 2
+        share = min(1.0, (eval_std ** 2 / n_eval) / train_std ** 2)
     elif train_std == 0 and math.isfinite(eval_std):
-        share = math.inf if eval_std > 0 else math.nan
+        share = 1.0 if eval_std > 0 else math.nan
     else:
         share = math.nan
     return VarianceSplit(n_train, n_eval, train_std, eval_std, float(share))

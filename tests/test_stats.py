@@ -103,6 +103,11 @@ def test_variance_split_known_numbers():
     # the cell scores barely move between training seeds, the eval seeds do: eval sampling dominates
     w = stats.variance_split([[38.0, 44.0], [44.0, 38.5], [40.0, 42.5]])
     assert w.eval_share > 0.75 and w.dominant == "eval sampling"
+    # eval sampling alone predicts more spread (pooled var 12.2 / 2 eval seeds = 6.1) than the training-seed
+    # means show (41, 41, 41.5: var 0.08):
+    # the training seeds' own part estimates at 0, and the share is 1, never over 100 %
+    x = stats.variance_split([[38.0, 44.0], [44.0, 38.0], [41.0, 42.0]])
+    assert x.eval_share == 1.0 and x.dominant == "eval sampling"
     assert stats.dominant_source(0.5) == "both" and stats.dominant_source(math.nan) == ""
     # one eval seed per training seed: eval spread unknown, no split
     u = stats.variance_split([[40.0], [42.0]])
