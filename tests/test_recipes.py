@@ -8,7 +8,9 @@ import re
 import pytest
 
 from distill import runs
-from tests.conftest import CONF_DIR, ROOT, compose
+from distill.config import CONF_DIR, compose
+
+ROOT = CONF_DIR.parent
 
 STAGES = ("teacher", "student", "distill")
 SELECTION = {"dev ROUGE-L": "rougeL", "dev loss": "loss"}
