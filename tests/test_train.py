@@ -144,7 +144,7 @@ def test_train_step_takes_a_callers_micro_batches_like_its_own(smoke_cfg, tmp_pa
     assert laps == ["data"] + ["forward", "loss", "backward", "step"] * 2  # the segments a benchmark times
     for p_own, p_given in zip(own.engine.module.parameters(), given.engine.module.parameters()):
         torch.testing.assert_close(p_own, p_given)
-    with pytest.raises(ValueError, match="needs trainer.grad_accum=2 micro-batches, got 1"):
+    with pytest.raises(ValueError, match=r"needs 2 micro-batches \(the schedule.s accumulation\), got 1"):
         train.train_step(given, 1, batches[:1])
     assert set(train.validate(own)) == {"ce", "fkl", "rkl"}
 
