@@ -1,8 +1,8 @@
 """The teacher cache: what a tau grid costs with and without it, and what its top-k form gives up.
 
-    python benchmarks/bench_teacher_cache.py                       # both parts, demo sizes: ~3 min on 2 shared cores
-    python benchmarks/bench_teacher_cache.py --quick               # a smoke run (~45 s)
-    python benchmarks/bench_teacher_cache.py --part b --teacher outputs/demo-prep/<teacher cell>/student \\
+    python -m benchmarks.bench_teacher_cache                       # both parts, demo sizes: ~3 min on 2 shared cores
+    python -m benchmarks.bench_teacher_cache --quick               # a smoke run (~45 s)
+    python -m benchmarks.bench_teacher_cache --part b --teacher outputs/demo-prep/<teacher cell>/student \\
         --student outputs/demo-prep/<warm start cell>/student      # part (b) on the demo's trained models
 
 Models and data: the demo's sizes (conf/experiment/demo.yaml: teacher GPT-2 4L/128d, student 2L/64d, embedded suite,
@@ -52,8 +52,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train (the job's step, the harness) sits here
-import bench_train as bt  # noqa: E402
+from benchmarks import bench_train as bt
 
 TARGET = 1.2
 DEMO_SWEEP = (27, 150)  # sweeps/demo.yaml: 3 divergences x 3 taus x 3 seeds; experiment=demo: 150 steps

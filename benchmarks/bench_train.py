@@ -1,8 +1,8 @@
 """One training step of the job (DeepSpeed engine + `batch_loss`) versus a bare PyTorch loop, side by side.
 
-    python benchmarks/bench_train.py                 # demo sizes, all variants: ~2 min on a shared 2-core CPU
-    python benchmarks/bench_train.py --quick         # 12 rounds, bare and job-z0 only: a smoke run (~20 s)
-    python benchmarks/bench_train.py --variants job-z0,job-z3 --rounds 20 --profile
+    python -m benchmarks.bench_train                 # demo sizes, all variants: ~2 min on a shared 2-core CPU
+    python -m benchmarks.bench_train --quick         # 12 rounds, bare and job-z0 only: a smoke run (~20 s)
+    python -m benchmarks.bench_train --variants job-z0,job-z3 --rounds 20 --profile
 
 What is compared (same models, same batches, same math):
   bare      plain PyTorch: student forward, teacher forward under no_grad,
