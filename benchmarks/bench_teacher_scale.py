@@ -50,6 +50,7 @@ import torch
 
 from benchmarks import bench_train as bt
 from benchmarks.bench_losses import reset_peak, status_kib
+from distill.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL = {"hidden": 1600, "vocab": 50257, "layers": 48, "heads": 25}
@@ -94,9 +95,9 @@ def examples(n: int, seq: int, prompt: int, seed: int = 0) -> list[dict]:
 
 def job_cfg(args, extra: list[str] = ()):
     """The job's config for the loss and the engine: fkl at tau 2, fused, ZeRO-0, fp32, this micro-batch."""
-    return bt.compose(["experiment=smoke", "logger=none", "divergence=fkl", "tau=2", "loss.impl=fused",
-                       f"loss.chunk_size={args.chunk_size}", f"trainer.micro_batch_size={args.batch}",
-                       "trainer.warmup_steps=0", *extra])
+    return compose(["experiment=smoke", "logger=none", "divergence=fkl", "tau=2", "loss.impl=fused",
+                    f"loss.chunk_size={args.chunk_size}", f"trainer.micro_batch_size={args.batch}",
+                    "trainer.warmup_steps=0", *extra])
 
 
 def build_cache(teacher, teacher_dir: Path, exs: list[dict], cache_dir: Path, kind: str, dtype=torch.float32,
