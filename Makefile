@@ -32,9 +32,9 @@ gpu-check: $(STAMP)     ## the CUDA paths on this machine's GPU(s), <= 8 minutes
 	timeout 480 $(PY) scripts/gpu_check.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_losses.py
+	$(PY) -m benchmarks.bench_losses
 	$(PY) -m benchmarks.bench_train
-	$(PY) benchmarks/bench_peers.py
+	$(PY) -m benchmarks.bench_peers
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import peers
+from benchmarks import peers
 from distill.chunked_losses import chunked_distillation_loss, fused_distillation_loss
 from distill.losses import DIVERGENCES, distillation_loss, resolve_params
 
@@ -303,7 +303,7 @@ def measure(section: str, variant: str, name: str, args) -> dict:
 
 
 def _run_child(section: str, variant: str, name: str, argv: list[str]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{section}:{variant}:{name}"]
+    cmd = [sys.executable, "-m", "benchmarks.bench_losses", *argv, "--child", f"{section}:{variant}:{name}"]
     # glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold in the heap; a fixed 1 MiB
     # threshold returns every tensor-sized block to the OS on free, so RSS follows live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": str(2**20)}

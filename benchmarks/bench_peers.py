@@ -1,8 +1,8 @@
 """Our job and TRL's off-policy distillation trainer on the same pair, data, objective, tau and batches, interleaved.
 
-    python benchmarks/bench_peers.py                  # the demo pair, fkl and jsd x tau 1, 2, 150 steps each
-    python benchmarks/bench_peers.py --quick          # tiny random-init pair, 6 steps per config: a smoke run (CI)
-    python benchmarks/bench_peers.py --objectives jsd --taus 2 --steps 100 model.teacher.path=T model.student.path=S
+    python -m benchmarks.bench_peers                  # the demo pair, fkl and jsd x tau 1, 2, 150 steps each
+    python -m benchmarks.bench_peers --quick          # tiny random-init pair, 6 steps per config: a smoke run (CI)
+    python -m benchmarks.bench_peers --objectives jsd --taus 2 --steps 100 model.teacher.path=T model.student.path=S
 
 Which TRL trainer. TRL 1.16's stable `trl.DistillationTrainer` is on-policy only (the student generates every
 completion; it has no lmbda). The off-policy trainer is `trl.experimental.gkd.GKDTrainer` with `lmbda=0` (never
@@ -64,8 +64,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import peers
-from bench_losses import reset_peak, status_kib
+from benchmarks import peers
+from benchmarks.bench_losses import reset_peak, status_kib
 
 QUICK_OVERRIDES = ["experiment=smoke", "trainer.micro_batch_size=8", "eval.max_examples=4", "eval.max_new_tokens=8"]
 
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
             for tau in (float(t) for t in args.taus.split(",")):
                 t0 = time.time()
                 spec = f"{objective}:{tau}:{Path(tmp) / f'{objective}-tau{tau:g}'}"
-                cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--child", spec]
+                cmd = [sys.executable, "-m", "benchmarks.bench_peers", *child_argv, "--child", spec]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if out.returncode != 0:
                     sys.stderr.write(out.stderr[-4000:])

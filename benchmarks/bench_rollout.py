@@ -1,8 +1,8 @@
 """What on-policy distillation costs: an on-policy step vs an offline step of the job, and generation tokens/s.
 
-    python benchmarks/bench_rollout.py                       # demo sizes, random-init pair (~3 min here)
-    python benchmarks/bench_rollout.py --teacher DIR --student DIR   # e.g. the demo's prep teacher + SFT warm start
-    python benchmarks/bench_rollout.py --quick               # a smoke run (~30 s)
+    python -m benchmarks.bench_rollout                       # demo sizes, random-init pair (~3 min here)
+    python -m benchmarks.bench_rollout --teacher DIR --student DIR   # e.g. the demo's prep teacher + SFT warm start
+    python -m benchmarks.bench_rollout --quick               # a smoke run (~30 s)
 
 Part 1, the step. Three cells of the job (`distill.train.setup`, experiment=demo: toy GPT-2 teacher 4L/128d,
 student 2L/64d, micro batch 32, fkl at tau 1), each stepped with the job's own `sample_batches` + `train_step`:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                               rounds=args.gen_rounds)
     load = os.getloadavg()
     header = (f"**bench_rollout** ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): "
-              f"`python benchmarks/bench_rollout.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+              f"`python -m benchmarks.bench_rollout {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
               f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg "
               f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, torch {torch.__version__} ({args.threads} threads); "
               f"teacher {args.teacher or 'random init'}, student {args.student or 'random init'}; "

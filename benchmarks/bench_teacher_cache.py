@@ -1,8 +1,8 @@
 """The teacher cache: what a tau grid costs with and without it, and what its top-k form gives up.
 
-    python benchmarks/bench_teacher_cache.py                       # both parts, demo sizes: ~3 min on 2 shared cores
-    python benchmarks/bench_teacher_cache.py --quick               # a smoke run (~45 s)
-    python benchmarks/bench_teacher_cache.py --part b --teacher outputs/demo-prep/<teacher cell>/student \\
+    python -m benchmarks.bench_teacher_cache                       # both parts, demo sizes: ~3 min on 2 shared cores
+    python -m benchmarks.bench_teacher_cache --quick               # a smoke run (~1.5 min)
+    python -m benchmarks.bench_teacher_cache --part b --teacher outputs/demo-prep/<teacher cell>/student \\
         --student outputs/demo-prep/<warm start cell>/student      # part (b) on the demo's trained models
 
 Models and data: the demo's sizes (conf/experiment/demo.yaml: teacher GPT-2 4L/128d, student 2L/64d, embedded suite,
@@ -15,15 +15,20 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
 (a) Grid cost. A G-cell grid (fkl at --taus, every cell --steps-per-cell optimizer steps) costs, per variant:
       student-only  every cell is SFT (loss.kd_ratio=0, no teacher at all): the floor a distillation grid can reach.
       live teacher  every cell loads the teacher and runs its forward at every step (loss.teacher_cache=false).
-      cache         `TeacherCache.build_or_load` computes the cache ONCE (timed), then every cell loads the teacher
-                    (the job still does, for validation) and the cache file, and reads its batches from the cache
-                    (--cache-kind: by default the job's `auto` choice, the teacher's final hidden states, to which
-                    the teacher's head is applied at each step; `logits` = the full log-probs).
-    Each step is the job's loop body (`bench_train.job_step`, a mirror of distill/train.py's loop) on a DeepSpeed
-    engine (ZeRO-0, fp32, world size 1), so the costs are the job's own. Within each cell the three variants step
-    through the same batches, interleaved one step at a time in a shuffled order per round (after --warmup discarded
-    steps each), and a variant's cell cost = steps x median seconds/step + its per-cell fixed costs (teacher load,
-    cache load). Engine creation, validation, export and evaluation are the same for every variant and left out.
+      cache         the cache is computed ONCE, then every cell loads the teacher (the job still does, for
+                    validation) and the cache file, and reads its batches from the cache (loss.teacher_cache =
+                    --cache-kind: by default `auto`, the job's choice, here the teacher's final hidden states, to
+                    which the teacher's head is applied at each step; `logits` = the full log-probs).
+    Every cell is the job's own: `distill.train.setup` (data, tokenizer, teacher or cache, DeepSpeed engine with
+    ZeRO-0, fp32, world size 1) and `distill.train.train_step` (through `bench_train.job_step`), so the costs are the
+    job's. Within each cell the three variants step through the same batches, interleaved one step at a time in a
+    shuffled order per round (after --warmup discarded steps each), and a variant's cell cost = steps x median
+    seconds/step + its per-cell fixed cost, the time of its `setup` (which differs between the variants by the
+    teacher and cache loads). Validation, export and evaluation are the same for every variant and left out.
+    The one-time build is timed through the job's own path too: before the grid, one cache cell is set up alone,
+    and its `setup` finds no cache and builds it (`distill.train._teacher_cache`: `TeacherCache.build_or_load`);
+    the grid's cache cells then load it. The build's cost is that setup's time minus the mean setup time of the
+    grid's cache cells (which do everything else it did).
     Printed: each grid's cost and its ratio to the student-only grid, in wall and process-CPU seconds (CPU time is
     nearly blind to other users of a shared machine), plus the same projected to the demo sweep (27 cells x 150 steps)
     from the measured per-step and fixed costs. Target (the Performance issue): cache grid <= 1.2x student-only.
@@ -52,8 +57,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train (the job's step, the harness) sits here
-import bench_train as bt  # noqa: E402
+from benchmarks import bench_train as bt
+from distill.config import compose
 
 TARGET = 1.2
 DEMO_SWEEP = (27, 150)  # sweeps/demo.yaml: 3 divergences x 3 taus x 3 seeds; experiment=demo: 150 steps
@@ -118,77 +123,53 @@ def prepare_models(args, cfg, train_ex, tokenizer, tmp: Path) -> tuple[Path, Pat
 # (a) grid cost
 
 
-def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, device) -> list[str]:
+def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
     """Measure the three grid variants (see the module docstring); return the markdown report lines."""
-    from distill import engine as eng
-    from distill import models
-    from distill.teacher_cache import TeacherCache, resolve_kind
+    from distill import train
 
-    pad_id = tokenizer.pad_token_id
-    cfg0 = bt.compose(base + [f"model.teacher.path={teacher_dir}", "loss.teacher_cache=true"])
-    dtype, max_len, mbs = torch.float32, int(cfg0.data.max_length), int(cfg0.trainer.micro_batch_size)
-
-    def load_teacher(cfg):
-        t = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
-        return t.requires_grad_(False).eval().to(device)
-
-    teacher = load_teacher(cfg0)
-    vocab, hidden = teacher.get_output_embeddings().weight.shape
-    kind = args.cache_kind if args.cache_kind != "auto" else resolve_kind(
-        "auto", hidden_size=hidden, vocab_size=vocab, dtype=dtype)
-
-    def build_or_load(cfg, teacher):
-        return TeacherCache.build_or_load(Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex,
-                                          pad_id=pad_id, batch_size=mbs, kind=kind, device=device, dtype=dtype,
-                                          progress=False)
-
-    cache, build_wall, build_cpu = timed(lambda: build_or_load(cfg0, teacher))
-    cache_mb = cache.nbytes / 2**20
-    del cache, teacher
+    with_teacher = base + [f"model.teacher.path={teacher_dir}"]
+    cache_setting = f"loss.teacher_cache={args.cache_kind}"
+    builder, build_wall, build_cpu = timed(lambda: train.setup(compose(with_teacher + [cache_setting])))
+    kind, cache_mb = builder.cache.kind, builder.cache.nbytes / 2**20
+    del builder
 
     variants = ("student-only", "live teacher", "cache")
     steps = args.warmup + args.rounds  # optimizer steps per cell (block of 1 step per round)
     per_step = {v: {"wall": [], "cpu": []} for v in variants}   # one median per cell
-    fixed = {v: {"wall": 0.0, "cpu": 0.0} for v in variants}    # summed over cells
+    fixed = {v: {"wall": 0.0, "cpu": 0.0} for v in variants}    # summed over cells: the job's `setup`
+    extra = {"student-only": ["loss.kd_ratio=0.0"], "live teacher": ["loss.teacher_cache=false"],
+             "cache": [cache_setting]}
     first_losses: list[str] = []  # the full cache is exact: live and cache must train on the same loss
     for tau in args.taus:
         fns = {}
         for v in variants:
-            extra = {"student-only": ["loss.kd_ratio=0.0"], "live teacher": ["loss.teacher_cache=false"],
-                     "cache": ["loss.teacher_cache=true"]}[v]
-            cfg = bt.compose(base + [f"model.teacher.path={teacher_dir}", f"tau={tau}", *extra])
-            teacher = cache = None
-            if v != "student-only":
-                teacher, w, c = timed(lambda: load_teacher(cfg))
-                fixed[v]["wall"] += w
-                fixed[v]["cpu"] += c
-            if v == "cache":
-                cache, w, c = timed(lambda: build_or_load(cfg, teacher))
-                fixed[v]["wall"] += w
-                fixed[v]["cpu"] += c
-            student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
-            engine = eng.initialize(student, cfg.trainer, 1)
-            engine.train()
-            fns[v] = (lambda cfg, engine, teacher, cache: lambda s: bt.job_step(
-                cfg, engine, teacher, cache, train_ex, pad_id, s, device))(cfg, engine, teacher, cache)
+            cfg = compose(with_teacher + [f"tau={tau}", *extra[v]])
+            cell, w, c = timed(lambda: train.setup(cfg))
+            fixed[v]["wall"] += w
+            fixed[v]["cpu"] += c
+            fns[v] = (lambda cell: lambda s: bt.job_step(cell, s))(cell)
         res = bt.interleave(fns, warmup=args.warmup, rounds=args.rounds, block=1, seed=int(tau * 1000))
         first_losses.append(f"tau={tau:g}: " + ", ".join(f"{k} {v:.6f}" for k, v in res["first_loss"].items()))
         for v in variants:
             for c in ("wall", "cpu"):
                 per_step[v][c].append(statistics.median(res[c]["steps"][v]))
         last = res
-        del fns
+        del fns, cell
+
+    g = len(args.taus)
+    # What building adds to a setup that loads the cache (the grid's cache cells do everything else the builder did).
+    build = {"wall": build_wall - fixed["cache"]["wall"] / g, "cpu": build_cpu - fixed["cache"]["cpu"] / g}
 
     def cost(v: str, clock: str, n_cells: int, n_steps: int) -> float:
         mean_step = statistics.mean(per_step[v][clock])
-        fixed_per_cell = fixed[v][clock] / len(args.taus)
-        build = {"wall": build_wall, "cpu": build_cpu}[clock] if v == "cache" else 0.0
-        return n_cells * (n_steps * mean_step + fixed_per_cell) + build
+        fixed_per_cell = fixed[v][clock] / g
+        return n_cells * (n_steps * mean_step + fixed_per_cell) + (build[clock] if v == "cache" else 0.0)
 
-    g = len(args.taus)
     lines = [f"grid: fkl, tau in {args.taus} ({g} cells), {steps} steps per cell ({args.warmup} warm-up + "
-             f"{args.rounds} measured, interleaved 1 step at a time); cache: {kind}, {cache_mb:.1f} MB, "
-             f"one-time build {build_wall:.1f} s wall / {build_cpu:.1f} s CPU", "",
+             f"{args.rounds} measured, interleaved 1 step at a time); cache: {kind}, {cache_mb:.1f} MB", "",
+             f"one-time build: the setup of the cell that built the cache {build_wall:.1f} s wall / {build_cpu:.1f} s "
+             f"CPU, of a cell that loads it {fixed['cache']['wall'] / g:.1f} s / {fixed['cache']['cpu'] / g:.1f} s "
+             f"(mean): the build adds {build['wall']:.1f} s wall / {build['cpu']:.1f} s CPU", "",
              "| variant | wall s/step | CPU s/step | fixed per cell, wall s | grid wall s | grid / student-only (wall) "
              "| grid CPU s | grid / student-only (CPU) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     base_cost = {c: cost("student-only", c, g, steps) for c in ("wall", "cpu")}
@@ -205,18 +186,22 @@ def grid_cost(args, base: list[str], teacher_dir: Path, train_ex, tokenizer, dev
     for v in variants:
         w, c = cost(v, "wall", n_cells, n_steps), cost(v, "cpu", n_cells, n_steps)
         lines.append(f"| {v} | {w:.0f} | {w / demo_base['wall']:.3f} | {c:.0f} | {c / demo_base['cpu']:.3f} |")
-    # Total steps S (at `steps` per cell) from which the cache grid is within TARGET of student-only:
-    # build + S * (c + f / steps) = TARGET * S * s  =>  S = build / (TARGET * s - c - f / steps).
+    # Total steps S (at `steps` per cell) from which the cache grid is within TARGET of student-only, each step
+    # carrying its share of its cell's setup (f_c, f_s):
+    # build + S * (c + f_c / steps) = TARGET * S * (s + f_s / steps)  =>  S = build / margin.
     c_step, s_step = statistics.mean(per_step["cache"]["cpu"]), statistics.mean(per_step["student-only"]["cpu"])
-    margin = TARGET * s_step - c_step - fixed["cache"]["cpu"] / len(args.taus) / steps
-    lines += ["", f"break-even (CPU): the cache grid is within {TARGET}x of student-only from about "
-                  + (f"{build_cpu / margin:,.0f} total optimizer steps ({build_cpu / margin / steps:.0f} cells of {steps} steps)"
-                     if margin > 0 else "never: a cached step alone costs more than 1.2 student-only steps")]
+    margin = (TARGET * (s_step + fixed["student-only"]["cpu"] / g / steps)
+              - c_step - fixed["cache"]["cpu"] / g / steps)
+    lines += ["", f"break-even (CPU): the cache grid is within {TARGET}x of student-only "
+                  + (f"from about {build['cpu'] / margin:,.0f} total optimizer steps ({build['cpu'] / margin / steps:.0f} "
+                     f"cells of {steps} steps)"
+                     if margin > 0 else f"never at {steps} steps per cell: a cached step with its share of the cell's "
+                     f"setup costs more than {TARGET} student-only ones")]
     l_step = statistics.mean(per_step["live teacher"]["cpu"])
-    gain = l_step + fixed["live teacher"]["cpu"] / len(args.taus) / steps - c_step - fixed["cache"]["cpu"] / len(args.taus) / steps
+    gain = l_step + fixed["live teacher"]["cpu"] / g / steps - c_step - fixed["cache"]["cpu"] / g / steps
     if gain > 0:
         lines.append(f"break-even (CPU) against the live teacher: the cache grid is cheaper from about "
-                     f"{build_cpu / gain:,.0f} total optimizer steps")
+                     f"{build['cpu'] / gain:,.0f} total optimizer steps")
     r = cost("cache", "cpu", g, steps) / base_cost["cpu"]
     rw = cost("cache", "wall", g, steps) / base_cost["wall"]
     lines += ["", f"target cache grid / student-only <= {TARGET}: CPU {r:.3f} ({'met' if r <= TARGET else 'NOT met'}), "
@@ -348,25 +333,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     bt.quiet()
 
-    from distill import engine as eng
+    from distill import train
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_cache_") as tmp_name:
         tmp = Path(tmp_name)
         data_dir = Path(args.data_dir) if args.data_dir else tmp / "data"
         base = ["experiment=demo", "logger=none", f"paths.root={tmp}", f"paths.data_dir={data_dir}",
-                "model.student.path=null", "divergence=fkl", "trainer.num_threads=null"]
-        cfg = bt.compose(base + ["model.teacher.allow_random=true"])
-        eng.setup_distributed(int(cfg.trainer.dist_timeout_s))
-        device = eng.device_for(0)
-        train_ex, tokenizer = bt.load_examples(cfg)
+                "model.student.path=null", "divergence=fkl", "trainer.num_threads=null", "trainer.progress=false"]
+        # The job's encoded training examples and tokenizer, from a student-only cell: no teacher exists yet.
+        data_cell = train.setup(compose(base + ["loss.kd_ratio=0.0"]))
+        cfg, train_ex, tokenizer, device = (data_cell.cfg, data_cell.train_examples, data_cell.tokenizer,
+                                            data_cell.device)
+        del data_cell
         teacher_dir, student_dir, which = prepare_models(args, cfg, train_ex, tokenizer, tmp)
         print(f"# bench_teacher_cache ({time.strftime('%Y-%m-%d %H:%M')})\n")
         print(f"machine: {bt.machine_line()}")
         print(f"models: {which}\n")
         if args.part in ("a", "both"):
             print("## (a) grid cost with and without the teacher cache, vs student-only\n")
-            print("\n".join(grid_cost(args, base, teacher_dir, train_ex, tokenizer, device)))
+            print("\n".join(grid_cost(args, base, teacher_dir)))
         if args.part in ("b", "both"):
             print("\n## (b) top-k cache vs exact teacher\n")
             print("\n".join(topk_error(args, teacher_dir, student_dir, train_ex, tokenizer, device)))

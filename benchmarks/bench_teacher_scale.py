@@ -1,8 +1,8 @@
 """The teacher at real scale: GPT-2 XL's output head (hidden 1600, vocabulary 50257), body shortened to fit a CPU.
 
-    python benchmarks/bench_teacher_scale.py                   # all three parts: ~15 min on 2 shared cores
-    python benchmarks/bench_teacher_scale.py --quick           # a smoke run (~4 min)
-    python benchmarks/bench_teacher_scale.py --part storage    # or time, memory; several: --part storage,time
+    python -m benchmarks.bench_teacher_scale                   # all three parts: ~15 min on 2 shared cores
+    python -m benchmarks.bench_teacher_scale --quick           # a smoke run (~4 min)
+    python -m benchmarks.bench_teacher_scale --part storage    # or time, memory; several: --part storage,time
 
 Models (random init: sizes, times and memory do not depend on the weights): the teacher is GPT-2 XL's geometry
 (n_embd 1600, 25 heads, 4 x 1600 MLP, vocabulary 50257, tied head) with --teacher-layers of its 48 blocks; the
@@ -48,9 +48,9 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train as bt  # noqa: E402
-from bench_losses import reset_peak, status_kib  # noqa: E402
+from benchmarks import bench_train as bt
+from benchmarks.bench_losses import reset_peak, status_kib
+from distill.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_XL = {"hidden": 1600, "vocab": 50257, "layers": 48, "heads": 25}
@@ -95,9 +95,9 @@ def examples(n: int, seq: int, prompt: int, seed: int = 0) -> list[dict]:
 
 def job_cfg(args, extra: list[str] = ()):
     """The job's config for the loss and the engine: fkl at tau 2, fused, ZeRO-0, fp32, this micro-batch."""
-    return bt.compose(["experiment=smoke", "logger=none", "divergence=fkl", "tau=2", "loss.impl=fused",
-                       f"loss.chunk_size={args.chunk_size}", f"trainer.micro_batch_size={args.batch}",
-                       "trainer.warmup_steps=0", *extra])
+    return compose(["experiment=smoke", "logger=none", "divergence=fkl", "tau=2", "loss.impl=fused",
+                    f"loss.chunk_size={args.chunk_size}", f"trainer.micro_batch_size={args.batch}",
+                    "trainer.warmup_steps=0", *extra])
 
 
 def build_cache(teacher, teacher_dir: Path, exs: list[dict], cache_dir: Path, kind: str, dtype=torch.float32,
@@ -306,9 +306,9 @@ def memory(args, tmp: Path) -> list[str]:
     rows = []
     for impl, stage, shard in configs:
         out = tmp / f"mem-{impl}-z{stage}-{int(shard)}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
-               "--worker", "memory", "--impl", impl, "--stage", str(stage), "--teacher-dir", str(tdir),
-               "--cache-dir", str(cache_dir), "--out", str(out), *args.passthrough]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "benchmarks.bench_teacher_scale", "--worker", "memory", "--impl", impl, "--stage", str(stage),
+               "--teacher-dir", str(tdir), "--cache-dir", str(cache_dir), "--out", str(out), *args.passthrough]
         if shard:
             cmd.append("--shard")
         env = {k: v for k, v in os.environ.items()  # torchrun sets the ranks; drop this process's own

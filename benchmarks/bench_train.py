@@ -1,28 +1,32 @@
 """One training step of the job (DeepSpeed engine + `batch_loss`) versus a bare PyTorch loop, side by side.
 
-    python benchmarks/bench_train.py                 # demo sizes, all variants: ~2 min on a shared 2-core CPU
-    python benchmarks/bench_train.py --quick         # 12 rounds, bare and job-z0 only: a smoke run (~20 s)
-    python benchmarks/bench_train.py --variants job-z0,job-z3 --rounds 20 --profile
+    python -m benchmarks.bench_train                 # demo sizes, all variants: ~2 min on a shared 2-core CPU
+    python -m benchmarks.bench_train --quick         # 12 rounds, bare and job-z0 only: a smoke run (~20 s)
+    python -m benchmarks.bench_train --variants job-z0,job-z3 --rounds 20 --profile
 
 What is compared (same models, same batches, same math):
   bare      plain PyTorch: student forward, teacher forward under no_grad,
             `distill.losses.distillation_loss` (fkl, tau=2, tau^2, summed over response tokens / their count),
-            loss.backward(), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW, LambdaLR(warmup + cosine).
+            loss.backward(), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW, the job's LR schedule
+            (`distill.engine.lr_schedule` down to the job's floor, `distill.engine.min_lr_ratio`).
   bare-jobloss  the bare loop with the job's `batch_loss` instead of `distillation_loss`: batch_loss also computes
             the CE term (logged; weight 1 - kd_ratio = 0 here, yet in the graph), so job-z0 vs bare-jobloss is
             DeepSpeed alone and bare-jobloss vs bare is the CE term alone.
-  job-zN    the job's loop body (a line-by-line mirror of the training loop in `distill/train.py`:
-            `sample_indices`, `collate_train`, the global token count, `batch_loss`, engine.backward /
-            engine.step) on a DeepSpeed engine from `distill.engine.initialize` (ZeRO stage N, fp32, world size 1,
-            after `distill.engine.setup_distributed()`): the real thing, minus logging and checkpoints.
+  job-zN    the job's own step, `distill.train.train_step`, on a cell of its own from `distill.train.setup` (ZeRO
+            stage N, fp32, world size 1, the live teacher: loss.teacher_cache=false, as the bare loop): the real
+            thing, minus the loop's logging, validation and checkpoints (`after_step`). Its segments come from
+            train_step's `lap` hook.
   job-z0-bf16  the same with trainer.precision=bf16 (student AND teacher in bf16, as the job does). Its ratio is
             against the fp32 bare loop: it says what bf16 buys here, not a like-for-like overhead.
-Every variant has its own student built from the same seed (identical initial weights) and its own optimizer; the
-teacher is one random-init toy GPT-2 (timing does not depend on its weights). Demo sizes (conf/experiment/demo.yaml):
-teacher 4L/128d, student 2L/64d, embedded data with template alpaca_compact, micro batch 32, vocab 512.
+The job-z0 cell is the reference: the bare loops take its encoded training examples, tokenizer, config and teacher.
+Every variant has its own student built from the same seed (identical initial weights) and its own optimizer; every
+job cell builds its random-init toy GPT-2 teacher from the same seed too (timing does not depend on its weights).
+Demo sizes (conf/experiment/demo.yaml): teacher 4L/128d, student 2L/64d, embedded data with template alpaca_compact,
+global batch = micro batch = 32, vocab 512.
 
 Method (the machine is shared and noisy, so nothing is timed in isolation):
-  * Every variant steps through the SAME sequence of batches (the job's sampler is a pure function of the step).
+  * Every variant steps through the SAME sequence of batches (the job's sampler, `sample_indices`, is a pure
+    function of the step and the global batch).
   * Warm-up: the first --warmup steps of each variant are run (interleaved) and discarded.
   * Then --rounds rounds; in each round every variant runs the same --block consecutive steps, in a freshly
     shuffled order. Seconds/step is the median over all measured steps; the ratio is reported twice: ratio of the
@@ -61,18 +65,7 @@ SEGMENTS = ("data", "forward", "loss", "backward", "step")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# setup shared with bench_teacher_cache.py
-
-
-def compose(overrides: list[str]):
-    """The job's config, composed in-process exactly as `distill-train` would (Hydra compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from distill.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides)
+# setup shared with bench_teacher_cache.py and bench_teacher_scale.py
 
 
 def quiet() -> None:
@@ -91,24 +84,6 @@ def quiet() -> None:
         ds_logger.setLevel(logging.WARNING)
     except ImportError:
         pass
-
-
-def load_examples(cfg) -> tuple[list[dict], Any]:
-    """The job's data path: load_data -> tokenizer -> encode_example (fixed target paraphrase) for the train split."""
-    from distill import data as data_mod
-    from distill import models
-
-    from distill.splits import load_data
-
-    splits = load_data(cfg.data, Path(cfg.paths.data_dir))
-    tokenizer = models.load_tokenizer(cfg.model.get("tokenizer") or splits.tokenizer_dir)
-    examples = [
-        data_mod.encode_example(tokenizer, r, template=cfg.data.template, max_length=int(cfg.data.max_length),
-                                max_prompt_length=int(cfg.data.max_prompt_length),
-                                target_index=r.target_index(int(cfg.data.get("target_seed", 0))))
-        for r in splits.train
-    ]
-    return examples, tokenizer
 
 
 def machine_line() -> str:
@@ -152,72 +127,48 @@ class Clock:
 # the two step functions
 
 
-def job_step(cfg, engine, teacher, cache, train_ex: list[dict], pad_id: int, step: int,
-             device: torch.device) -> Clock:
-    """One optimizer step exactly as the loop in `distill/train.py` does it (keep in sync), minus logging."""
-    from distill.data import collate_train
-    from distill.models import output_head
-    from distill.train import _all_reduce_sum, batch_loss, response_mask, sample_indices
+def job_step(cell, step: int) -> Clock:
+    """One optimizer step of the job (`distill.train.train_step` on `cell`), timed segment by segment through its
+    `lap` hook; the clock carries the step's loss."""
+    from distill.train import train_step
 
-    from distill.config import batch_plan
-
-    tcfg, rank, world = cfg.trainer, 0, 1
-    plan = batch_plan(tcfg, world)  # the job's split of the global batch
-    mbs, gas = plan.micro, plan.accum
     clock = Clock()
-    ids = [sample_indices(len(train_ex), step, m, rank, world=world, micro_bs=mbs, grad_accum=gas,
-                          seed=int(cfg.seed)) for m in range(gas)]
-    micro_batches = [collate_train([train_ex[i] for i in idx], pad_id) for idx in ids]
-    local_tokens = sum(int(response_mask(b["labels"]).sum()) for b in micro_batches)
-    num_tokens = max(_all_reduce_sum([local_tokens], device)[0], 1.0)
-    clock.lap("data")
-    for idx, batch in zip(ids, micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s_logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_logits = None
-        if cache is not None and cache.kind == "hidden":  # the teacher's head on its cached final hidden states
-            with torch.no_grad():
-                t_logits = output_head(teacher).logits(cache.batch_hidden(idx, batch["labels"]))
-        elif cache is not None:
-            t_logits = cache.batch_logits(idx, batch["labels"])
-        elif teacher is not None:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        clock.lap("forward")
-        loss, _parts = batch_loss(cfg, s_logits, t_logits, batch["labels"], num_tokens)
-        clock.lap("loss")
-        engine.backward(loss * gas * world)
-        clock.lap("backward")
-        engine.step()
-        clock.loss = loss.item()
-        clock.lap("step")
+    clock.loss = train_step(cell, step, lap=clock.lap)["loss"]
     return clock
 
 
-def make_bare_step(cfg, student, teacher, train_ex: list[dict], pad_id: int,
-                   job_loss: bool = False) -> Callable[[int], Clock]:
-    """A plain PyTorch loop with the job's math: same sampler, loss, AdamW settings, clipping and LR schedule.
+def make_bare_step(ref, student, job_loss: bool = False) -> Callable[[int], Clock]:
+    """A plain PyTorch loop with the job's math: same sampler, loss, AdamW settings, clipping and LR schedule, on
+    the training examples, tokenizer, config and teacher of the job's cell `ref` (`distill.train.setup`) and a
+    `student` of its own.
 
     job_loss=True swaps `distillation_loss` for the job's `batch_loss` (which also computes the CE term), so that
     the difference to the job is DeepSpeed alone.
     """
-    from distill.data import collate_train
-    from distill.engine import lr_schedule
+    from distill.data import collate_train, response_mask
+    from distill.engine import lr_schedule, min_lr_ratio
     from distill.losses import distillation_loss
     from distill.train import batch_loss, sample_indices
 
-    t = cfg.trainer
+    cfg, teacher, train_ex, pad_id = ref.cfg, ref.teacher, ref.train_examples, ref.tokenizer.pad_token_id
+    t, plan = cfg.trainer, ref.schedule.batch
+    # The bare loop runs one batch per step. Drawn as the job draws its first micro-batch, it is the job's whole
+    # step when the global batch is one micro-batch on one rank (the demo's: global batch = micro batch = 32).
+    if (plan.accum, plan.world) != (1, 1):
+        raise ValueError(f"the bare loop needs one micro-batch per step to see the job's batches: global batch "
+                         f"{plan.global_batch} is {plan.accum} x {plan.micro} on {plan.world} rank(s); set "
+                         "trainer.micro_batch_size to the global batch size")
     opt = torch.optim.AdamW(student.parameters(), lr=float(t.lr), betas=tuple(t.betas),
                             weight_decay=float(t.weight_decay))
-    sched = lr_schedule(opt, int(t.warmup_steps), int(t.max_steps), float(t.min_lr_ratio))
+    sched = lr_schedule(opt, int(t.warmup_steps), ref.schedule.max_steps, min_lr_ratio(t))
     student.train()
 
     def step_fn(step: int) -> Clock:
         clock = Clock()
-        idx = sample_indices(len(train_ex), step, 0, 0, world=1, micro_bs=int(t.micro_batch_size), grad_accum=1,
+        idx = sample_indices(len(train_ex), step, 0, 0, world=1, micro_bs=plan.micro, grad_accum=plan.accum,
                              seed=int(cfg.seed))
         batch = collate_train([train_ex[i] for i in idx], pad_id)
-        mask = batch["labels"][:, 1:] != -100
+        mask = response_mask(batch["labels"])
         clock.lap("data")
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with torch.no_grad():
@@ -376,27 +327,23 @@ def verdict(res: dict[str, Any]) -> list[str]:
 # main
 
 
-def build(cfg_overrides: list[str], variant: str, teacher_by_dtype: dict, train_ex, tokenizer, device):
-    """The step function of one variant, with its own student (same seed => same initial weights)."""
-    from distill import engine as eng
-    from distill import models
+def build(overrides: list[str], variant: str, ref):
+    """The step function of one variant: a job cell of its own (`distill.train.setup`; ZeRO-0 fp32 is `ref`
+    itself) or, for the bare loops, a student of its own (same seed => same initial weights) on `ref`'s data,
+    config and teacher."""
+    from distill import models, train
+    from distill.config import compose
 
-    precision = "bf16" if variant.endswith("bf16") else "fp32"
-    stage = 0 if variant.startswith("bare") else int(variant.split("-")[1][1])
-    cfg = compose(cfg_overrides + [f"trainer.zero_stage={stage}", f"trainer.precision={precision}"])
-    dtype = models.torch_dtype(precision)
-    max_len = int(cfg.data.max_length)
-    if dtype not in teacher_by_dtype:
-        teacher = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
-        teacher_by_dtype[dtype] = teacher.requires_grad_(False).eval().to(device)
-    teacher = teacher_by_dtype[dtype]
-    student = models.build_model(cfg.model, "student", tokenizer, dtype, max_len, seed=int(cfg.seed))
-    pad_id = tokenizer.pad_token_id
     if variant.startswith("bare"):
-        return make_bare_step(cfg, student, teacher, train_ex, pad_id, job_loss=variant == "bare-jobloss")
-    engine = eng.initialize(student, cfg.trainer, 1)
-    engine.train()
-    return lambda step: job_step(cfg, engine, teacher, None, train_ex, pad_id, step, device)
+        cfg = ref.cfg
+        student = models.build_model(cfg.model, "student", ref.tokenizer, torch.float32, int(cfg.data.max_length),
+                                     seed=int(cfg.seed))
+        return make_bare_step(ref, student, job_loss=variant == "bare-jobloss")
+    precision = "bf16" if variant.endswith("bf16") else "fp32"
+    stage = int(variant.split("-")[1][1])
+    cell = ref if (stage, precision) == (0, "fp32") else train.setup(
+        compose(overrides + [f"trainer.zero_stage={stage}", f"trainer.precision={precision}"]))
+    return lambda step: job_step(cell, step)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -411,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="where the embedded suite is generated/cached (default: a tmp dir)")
     p.add_argument("--profile", action="store_true", help="also compare torch.profiler op times of job-z0 and bare")
     p.add_argument("overrides", nargs="*",
-                   help="extra Hydra overrides on top of experiment=demo (e.g. trainer.micro_batch_size=16)")
+                   help="extra Hydra overrides on top of experiment=demo (e.g. trainer.global_batch_size=16 "
+                        "trainer.micro_batch_size=16; the bare loop needs global batch = micro batch)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.rounds, args.block = 2, 12, 1
@@ -426,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quiet()
 
-    from distill import engine as eng
+    from distill import train
+    from distill.config import compose
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
@@ -434,19 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = Path(args.data_dir) if args.data_dir else root / "data"
         overrides = ["experiment=demo", "logger=none", f"paths.root={root}", f"paths.data_dir={data_dir}",
                      "model.teacher.allow_random=true", "model.student.path=null", "divergence=fkl", "tau=2.0",
-                     "trainer.num_threads=null", *args.overrides]
-        cfg = compose(overrides)
-        eng.setup_distributed(int(cfg.trainer.dist_timeout_s))
-        device = eng.device_for(0)
-        train_ex, tokenizer = load_examples(cfg)
-        teachers: dict = {}
-        fns = {v: build(overrides, v, teachers, train_ex, tokenizer, device) for v in variants}
+                     "loss.teacher_cache=false", "trainer.num_threads=null", "trainer.progress=false",
+                     *args.overrides]
+        # The reference cell (ZeRO-0, fp32): job-z0 itself, and the data, config and teacher of the bare loops.
+        ref = train.setup(compose(overrides + ["trainer.zero_stage=0", "trainer.precision=fp32"]))
+        cfg, train_ex, plan = ref.cfg, ref.train_examples, ref.schedule.batch
+        fns = {v: build(overrides, v, ref) for v in variants}
         print(f"# bench_train: job step vs bare PyTorch step ({time.strftime('%Y-%m-%d %H:%M')})\n")
         print(f"machine: {machine_line()}")
-        t = cfg.trainer
-        print(f"config: experiment=demo divergence={cfg.divergence.name} tau={cfg.tau} global_batch={t.global_batch_size} "
-              f"micro_batch={t.micro_batch_size} teacher={dict(cfg.model.teacher)} student={dict(cfg.model.student)} "
-              f"(random init), {len(train_ex)} train examples, extra overrides {args.overrides}")
+        print(f"config: experiment=demo divergence={cfg.divergence.name} tau={cfg.tau} "
+              f"global_batch={plan.global_batch} micro_batch={plan.micro} grad_accum={plan.accum} "
+              f"teacher={dict(cfg.model.teacher)} student={dict(cfg.model.student)} (random init), "
+              f"{len(train_ex)} train examples, extra overrides {args.overrides}")
         print(f"method: {args.warmup} warm-up steps, then {args.rounds} rounds x {args.block} steps per variant, "
               f"variants shuffled per round, medians\n")
         res = interleave(fns, warmup=args.warmup, rounds=args.rounds, block=args.block)

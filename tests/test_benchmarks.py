@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
 PEERS = ("trl", "liger-kernel", "torchtune")
 
 pytestmark = pytest.mark.slow
@@ -36,10 +35,11 @@ def _require_peers() -> None:
 
 
 def _run(script: str, args: list[str], tmp_path: Path) -> dict:
+    """`python -m benchmarks.<script> ARGS --json FILE` from the repository root, as a person runs it; its JSON."""
     out_json = tmp_path / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json", str(out_json)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args, "--json", str(out_json)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "versions: torch" in proc.stdout  # the script says what it measured
     return json.loads(out_json.read_text())
@@ -47,7 +47,7 @@ def _run(script: str, args: list[str], tmp_path: Path) -> dict:
 
 def test_bench_losses_quick_runs_ours_and_the_peers_and_they_agree(tmp_path):
     _require_peers()
-    out = _run("bench_losses.py", ["--quick", "--objectives", "fkl,jsd"], tmp_path)
+    out = _run("bench_losses", ["--quick", "--objectives", "fkl,jsd"], tmp_path)
     ran = {(r["section"], r["objective"], r["variant"]) for r in out["results"]}
     expected = {("logits", o, v) for o in ("fkl", "jsd") for v in ("naive", "plain", "chunked")}
     expected |= {("hidden", o, v) for o in ("fkl", "jsd") for v in ("naive", "plain", "chunked", "fused", "liger",
@@ -63,7 +63,7 @@ def test_bench_losses_quick_runs_ours_and_the_peers_and_they_agree(tmp_path):
 
 def test_bench_peers_quick_trains_both_sides_on_the_same_batches(tmp_path):
     _require_peers()
-    out = _run("bench_peers.py", ["--quick", "--root", str(tmp_path)], tmp_path)
+    out = _run("bench_peers", ["--quick", "--root", str(tmp_path)], tmp_path)
     by_config = {(r["objective"], r["tau"]): r for r in out["results"]}
     assert set(by_config) == {("fkl", 1.0), ("fkl", 2.0), ("jsd", 1.0), ("jsd", 2.0)}
     for r in out["results"]:
