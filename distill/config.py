@@ -1,8 +1,9 @@
 """The job's config: where it lives (`CONF_DIR`), composing it (`compose`), and the checks run on it before any
 work starts (`validate`: every problem found, one line each).
 
-The allowed values of each option live with the code that implements it (losses, engine, models); the checks
-here read them from there.
+The allowed values of each option live with the code that implements it (losses, chunked_losses,
+teacher_cache, rollout) and the checks here read them from there; the ZeRO stages and precisions live here,
+and engine and models import them.
 """
 
 from __future__ import annotations

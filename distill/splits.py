@@ -20,8 +20,8 @@ from distill.tasks import SPLITS, prepare_embedded
 log = logging.getLogger(__name__)
 
 EMBEDDED_EVAL_SETS = tuple(s for s in SPLITS if s not in ("train", "valid"))  # the suite's benchmarks
-# Which reader a benchmark name uses unless data.benchmark_formats says otherwise.
 LONG_PROMPT_POLICIES = ("truncate", "drop")  # data.long_prompts
+# Which reader a benchmark name uses unless data.benchmark_formats says otherwise.
 BENCHMARK_FORMATS = {"dolly": "dolly", "selfinst": "selfinst", "vicuna": "vicuna", "sinst": "sinst", "uninst": "uninst"}
 
 
