@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,12 +33,6 @@ class CheckpointError(InputError):
     """A checkpoint that must not be (or cannot be) loaded: planted objects, corrupt files, a bad `latest`."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _in_submitit_job() -> bool:
     return "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_FOLDER" in os.environ
 
@@ -48,7 +41,7 @@ def setup_distributed(timeout_s: int = 300) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed once per process; return (rank, world_size).
 
     Env precedence: an existing process group; torchrun's RANK/WORLD_SIZE; submitit's job environment
-    (SLURM or local executor); else a single process on a free local port.
+    (SLURM or local executor) of several tasks; else a single process whose store port the OS picks.
     """
     import deepspeed
 
@@ -57,10 +50,14 @@ def setup_distributed(timeout_s: int = 300) -> tuple[int, int]:
     if "RANK" not in os.environ and _in_submitit_job():
         import submitit
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        job = submitit.helpers.TorchDistributedEnvironment()
+        if job.world_size > 1:
+            job.export(set_cuda_visible_devices=False, overwrite=True)
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # One process rendezvous with itself only, so port 0 lets the OS pick a free port as the store binds.
+        # Any port chosen beforehand can be taken first: submitit derives one from the job id (or an inherited
+        # MASTER_PORT), and a probed free port is free only until the probe closes (EADDRINUSE seen in CI).
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     if not torch.cuda.is_available():
         # The shared-memory comm op JIT-compiles for a minute on first use; gloo needs nothing compiled.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

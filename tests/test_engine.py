@@ -169,6 +169,48 @@ def test_schedule_state_survives_a_checkpoint():
     resumed.load_state_dict(state)
     assert resumed.get_last_lr() == sched.get_last_lr()
 
+def _listening_socket(port: int = 0):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("launcher", ["inherited MASTER_PORT", "submitit job of one task"])
+def test_a_one_process_job_starts_when_the_port_it_would_have_used_is_taken(launcher):
+    # CI failed with EADDRINUSE: a SLURM array task of one process listened on the port submitit derives from
+    # its job id, which another process held. One process needs no agreed port: the OS picks it at bind time.
+    import random
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if launcher == "inherited MASTER_PORT":
+        taken = _listening_socket()
+        env["MASTER_PORT"] = str(taken.getsockname()[1])
+    else:
+        job_id = next(j for j in (str(random.randrange(10**6)) for _ in range(100))
+                      if _port_is_free(random.Random(j).randint(20000, 60000)))
+        taken = _listening_socket(random.Random(job_id).randint(20000, 60000))  # submitit's port for this job
+        env.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=job_id, SUBMITIT_LOCAL_NTASKS="1",
+                   SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
+                   SUBMITIT_LOCAL_LOCALID="0")
+    with taken:
+        child = subprocess.run([sys.executable, "-c", "from distill import engine; print(engine.setup_distributed(30))"],
+                               capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0 and "(0, 1)" in child.stdout, child.stderr[-2000:]
+
+
+def _port_is_free(port: int) -> bool:
+    try:
+        _listening_socket(port).close()
+        return True
+    except OSError:
+        return False
+
+
 def test_a_job_started_after_in_process_ones_gets_its_own_rendezvous_port():
     # The tests above initialised torch.distributed in this process; its TCPStore holds MASTER_PORT for the
     # rest of the session. conftest forgets the exported variables after each test, so a child job (a
