@@ -201,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    from distill.data import IGNORE_INDEX  # noqa: F401 (import check before the long part)
     from distill.rollout import prompt_of
 
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_check(name, overrides, root, left))
         print(f"  {name}: {rows[-1]['status']}", flush=True)
 
-    print(f"\n| check | status | tokens/s | peak GPU GB | eval examples/s | ROUGE-L | wall s |\n|---|---|---|---|---|---|---|")
+    print("\n| check | status | tokens/s | peak GPU GB | eval examples/s | ROUGE-L | wall s |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['check']} | {r['status']} | {r.get('tokens_per_s', '')} | {r.get('peak_gpu_gb', '')} | "
               f"{r.get('eval_examples_per_s', '')} | {r.get('rougeL', '')} | {r.get('wall_s', '')} |")
