@@ -87,9 +87,7 @@ def sample_indices(n: int, step: int, micro: int, rank: int, *, world: int, micr
             epoch, pos = step // per_epoch, (step % per_epoch) * global_bs + i
         else:
             epoch, pos = divmod(step * global_bs + i, n)
-        # The memo lives in a default argument, not a module global or an lru_cache: `python -m
-        # distill.train` cells are pickled by value by submitit, and a module-level helper of
-        # __main__ cannot be found again in the child process.
+        # One permutation per (seed, n, epoch), memoised in a default argument for the life of the process.
         key = (seed, n, epoch)
         if key not in _perms:
             _perms[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -1033,4 +1031,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m distill.train` (how distill-pipeline starts its stages) runs this file as __main__. Hand over
+    # to the importable module, so that submitit pickles the job by reference as it does for `distill-train`:
+    # pickled by value, a job never imports distill.train, whose module-level setup then never runs in it (the
+    # cell log's propagate=False: every train.log line was written twice).
+    from distill.train import main as _main
+
+    _main()

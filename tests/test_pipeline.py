@@ -111,3 +111,19 @@ def test_cell_configs_equal_hydras_own_composition(tmp_path):
     cells = [["divergence=rkl", "tau=2.0", "seed=1"], ["divergence=jsd", "tau=0.5", "seed=0"], ["tau=3", "seed=2"]]
     for cell, cfg in zip(cells, pipeline.cell_configs(base, cells)):
         assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(compose([*base, *cell]), resolve=True)
+
+
+def test_a_grid_started_as_the_pipeline_starts_it_logs_each_line_once(tmp_path):
+    # distill-pipeline starts `python -m distill.train -m ...`. Its cells were pickled by value (as functions of
+    # __main__), never imported distill.train, and wrote every line of their train.log twice.
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = pipeline.train_command(["experiment=smoke", f"paths.root={tmp_path}", "hydra/launcher=local", "logger=none",
+                                  "trainer.max_steps=4", "trainer.log_every=1", "seed=0,1"], multirun=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = sorted(tmp_path.glob("*/*/train.log"))
+    assert len(logs) == 2
+    for log in logs:
+        lines = log.read_text().splitlines()
+        assert sum("step 4/4" in line for line in lines) == 1, log.read_text()
+        assert len(lines) == len(set(lines)), log.read_text()
