@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast demo bench gpu-check clean
+.PHONY: install test test-slow test-all demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)          ## every test, the slow and SLURM ones included (SLURM ones need scripts/slurm-up.sh)
-	$(VENV)/bin/pytest
-
-test-fast: $(STAMP)     ## skip the minutes-long integration tests
+test: $(STAMP)          ## the default run: every test but the minutes-long `slow` ones (under 15 min on 2 cores)
 	$(VENV)/bin/pytest -m "not slow"
+
+test-slow: $(STAMP)     ## the slow integration tests (SLURM ones need scripts/slurm-up.sh); CI runs them after `test`
+	$(VENV)/bin/pytest -m slow
+
+test-all: $(STAMP)      ## both in one pytest run
+	$(VENV)/bin/pytest
 
 demo: $(STAMP)          ## the embedded tau x divergence study end to end, then its report
 	$(VENV)/bin/distill-demo
