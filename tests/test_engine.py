@@ -169,6 +169,7 @@ def test_schedule_state_survives_a_checkpoint():
     resumed.load_state_dict(state)
     assert resumed.get_last_lr() == sched.get_last_lr()
 
+
 def _listening_socket(port: int = 0):
     import socket
 
@@ -176,6 +177,14 @@ def _listening_socket(port: int = 0):
     s.bind(("127.0.0.1", port))
     s.listen()
     return s
+
+
+def _port_is_free(port: int) -> bool:
+    try:
+        _listening_socket(port).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("launcher", ["inherited MASTER_PORT", "submitit job of one task"])
@@ -201,14 +210,6 @@ def test_a_one_process_job_starts_when_the_port_it_would_have_used_is_taken(laun
         child = subprocess.run([sys.executable, "-c", "from distill import engine; print(engine.setup_distributed(30))"],
                                capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert child.returncode == 0 and "(0, 1)" in child.stdout, child.stderr[-2000:]
-
-
-def _port_is_free(port: int) -> bool:
-    try:
-        _listening_socket(port).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_a_job_started_after_in_process_ones_gets_its_own_rendezvous_port():
