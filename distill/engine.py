@@ -54,7 +54,7 @@ def setup_distributed(timeout_s: int = 300) -> tuple[int, int]:
         if job.world_size > 1:
             job.export(set_cuda_visible_devices=False, overwrite=True)
     if "RANK" not in os.environ:
-        # One process rendezvous with itself only, so port 0 lets the OS pick a free port as the store binds.
+        # One process meets only itself at the rendezvous, so port 0 lets the OS pick a free port as the store binds.
         # Any port chosen beforehand can be taken first: submitit derives one from the job id (or an inherited
         # MASTER_PORT), and a probed free port is free only until the probe closes (EADDRINUSE seen in CI).
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")

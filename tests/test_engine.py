@@ -200,9 +200,11 @@ def test_a_one_process_job_starts_when_the_port_it_would_have_used_is_taken(laun
         taken = _listening_socket()
         env["MASTER_PORT"] = str(taken.getsockname()[1])
     else:
-        job_id = next(j for j in (str(random.randrange(10**6)) for _ in range(100))
-                      if _port_is_free(random.Random(j).randint(20000, 60000)))
-        taken = _listening_socket(random.Random(job_id).randint(20000, 60000))  # submitit's port for this job
+        def submitit_port(job_id: str) -> int:  # how submitit derives a job's port when MASTER_PORT is unset
+            return random.Random(job_id).randint(20000, 60000)
+
+        job_id = next(j for j in (str(random.randrange(10**6)) for _ in range(100)) if _port_is_free(submitit_port(j)))
+        taken = _listening_socket(submitit_port(job_id))
         env.update(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID=job_id, SUBMITIT_LOCAL_NTASKS="1",
                    SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="0",
                    SUBMITIT_LOCAL_LOCALID="0")
