@@ -13,9 +13,12 @@ The report includes report.html, the offline dashboard. At the end of a multirun
 the sweep's report is also logged to the sweep's W&B summary run (distill.wandb_report).
 
 Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
-cells is exactly what one wants then. So the report is also rebuilt at the end of every job
-(`on_job_end`, rank 0 only); with a submitit launcher that runs inside each array task, and a
-file lock makes the last job to finish write the last, complete report.
+cells is exactly what one wants then. So the report is also rebuilt at the end of a job
+(`on_job_end`, rank 0 only), and a file lock makes the last job to finish write the last, complete
+report. With a submitit launcher that happens after every job: it runs inside each array task, and the
+process that launched the array may be gone. With a launcher whose multirun process waits for its jobs
+(hydra/launcher=pool, Hydra's basic one) it happens only once the sweep has a failed cell: until then
+`on_multirun_end` writes the report once, instead of every job rebuilding it (seconds a cell).
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Pa
     return paths["report.md"]
 
 
+def _sweep_has_failed(sweep_dir: str | os.PathLike, job_return: Any) -> bool:
+    """This job failed, or a cell of the sweep dir did (Hydra will then skip on_multirun_end)."""
+    from hydra.core.utils import JobStatus
+
+    from distill.report import scan_sweep
+
+    if getattr(job_return, "status", None) == JobStatus.FAILED:
+        return True
+    return any(c.status == "failed" for c in scan_sweep(sweep_dir))
+
+
 class ReportCallback(Callback):
     """Write report.md/.csv/.png/.html into hydra.sweep.dir after each job and at the end of a multirun."""
 
@@ -69,8 +83,12 @@ class ReportCallback(Callback):
         self.after_each_job = after_each_job
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        if not self.after_each_job or HydraConfig.get().mode != RunMode.MULTIRUN or not _is_rank_zero():
+        hydra_cfg = HydraConfig.get()
+        if not self.after_each_job or hydra_cfg.mode != RunMode.MULTIRUN or not _is_rank_zero():
             return
+        if "submitit" not in str(hydra_cfg.launcher.get("_target_", "")) and \
+                not _sweep_has_failed(config.hydra.sweep.dir, job_return):
+            return  # the multirun's own process is waiting, and writes the report in on_multirun_end
         refresh_report(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

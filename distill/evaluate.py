@@ -263,6 +263,7 @@ def evaluate_benchmarks(
     max_prompt_length: int,
     out_dir: Path | None,
     truncation_side: str = "left",
+    progress: bool = True,
 ) -> dict[str, dict]:
     """Generate for every benchmark under every eval seed and score with ROUGE-L and exact match.
 
@@ -271,6 +272,7 @@ def evaluate_benchmarks(
     (ddof=0, as numpy's default), so a single seed gives 0. With `out_dir`, writes
     `<benchmark>.json` (that summary) and, if eval_cfg.write_generations, `<benchmark>.generations.jsonl`
     (one line per example per seed: seed, prompt, output, references, rougeL), both atomically.
+    `progress`: a bar per benchmark and seed.
     """
     cfg = _checked_eval_cfg(eval_cfg)
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -292,7 +294,7 @@ def evaluate_benchmarks(
                 batch_size=cfg["batch_size"], do_sample=cfg["do_sample"], top_k=cfg["top_k"],
                 top_p=cfg["top_p"], temperature=cfg["temperature"],
                 no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
-                seed=seed, desc=f"eval {name} seed={seed}", truncation_side=truncation_side,
+                seed=seed, progress=progress, desc=f"eval {name} seed={seed}", truncation_side=truncation_side,
             )
             scores = rouge_l_scores(outputs, references)
             rouge_per_seed.append(statistics.fmean(scores))

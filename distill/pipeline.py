@@ -167,8 +167,9 @@ def train_command(overrides: list[str], *, multirun: bool = False) -> list[str]:
 def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid: list[str],
              hydra_overrides: list[str], baseline_grid: list[str] = ()) -> list[tuple[str, list[str]]]:
     """(title, command) of every unfinished stage, in order. Locally the SFT stages run one after the other
-    as plain jobs and the grid through submitit's local launcher, `parallel` cells at a time; on SLURM the
-    two SFT stages are one job array (a multirun over the recipe's stage) and the grid another."""
+    as plain jobs and the grid in a pool of `parallel` worker processes (hydra/launcher=pool), each running
+    cell after cell; on SLURM the two SFT stages are one job array (a multirun over the recipe's stage) and
+    the grid another."""
     out: list[tuple[str, list[str]]] = []
     todo = [s for s in SFT_STAGES if not stages[s].finished]
     if launcher == "local":
@@ -179,7 +180,7 @@ def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid
         common = stages[todo[0]].overrides[1:]
         out.append(("+".join(todo), train_command([f"recipe={recipe_choice}", *common, f"hydra/launcher={launcher}",
                                                    *hydra_overrides], multirun=True)))
-    local = ["hydra/launcher=local", f"hydra.sweeper.max_batch_size={parallel}"] if launcher == "local" else \
+    local = ["hydra/launcher=pool", f"hydra.launcher.n_jobs={parallel}"] if launcher == "local" else \
         [f"hydra/launcher={launcher}"]
     for name, cells in (("distill", list(grid)), ("baseline", list(baseline_grid))):
         if name in stages and not stages[name].finished:

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from transformers.utils import logging as hf_logging
 
 from distill import data as data_mod
 from distill import engine as eng
@@ -216,6 +217,9 @@ def init_process(cfg: DictConfig) -> tuple[int, int, torch.device]:
     check_config(cfg)
     if cfg.trainer.get("num_threads"):
         torch.set_num_threads(int(cfg.trainer.num_threads))
+    # transformers' own bars (loading and writing weights) follow the cell's: a pool's workers share one
+    # console, where the bars of cells running side by side would interleave.
+    (hf_logging.enable_progress_bar if cfg.trainer.progress else hf_logging.disable_progress_bar)()
     rank, world = eng.setup_distributed(int(cfg.trainer.dist_timeout_s))
     check_config(cfg, world_size=world)
     return rank, world, eng.device_for(int(os.environ.get("LOCAL_RANK", 0)))
@@ -906,7 +910,7 @@ def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
         model, cell.tokenizer, cell.splits.benchmarks, eval_cfg=OmegaConf.to_container(cfg.eval, resolve=True),
         template=cfg.data.template, max_length=int(cfg.data.max_length),
         max_prompt_length=int(cfg.data.max_prompt_length), out_dir=cell.run_dir / "generations",
-        truncation_side=str(cfg.data.get("truncation_side", "left")),
+        truncation_side=str(cfg.data.get("truncation_side", "left")), progress=bool(cfg.trainer.progress),
     )
     generated = sum(r["n"] * len(r["seeds"]) for r in m["eval"].values())
     m["eval_examples_per_s"] = round(generated / max(time.time() - t0, 1e-9), 2)  # batched generation throughput

@@ -11,6 +11,7 @@
 
 import itertools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,48 @@ def test_local_parameters_reach_submitit(compose_train, monkeypatch):
     assert calls["cluster"] == "local"
     p = calls["params"]
     assert (p["gpus_per_node"], p["tasks_per_node"], p["timeout_min"]) == (0, 1, 5)
+
+
+def test_pool_composes_as_hydras_joblib_launcher(compose_train):
+    launcher = compose_train(["hydra/launcher=pool"]).hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+
+
+def _attempt_pids(log: Path) -> list[int]:
+    return [int(line.split(" pid ")[1].split()[0]) for line in log.read_text().splitlines() if "attempt on" in line]
+
+
+def test_pool_runs_cells_in_reused_workers_with_the_numbers_of_a_process_of_their_own(tmp_path):
+    # Started the way distill-pipeline starts a local grid (`python -m distill.train -m`, hydra/launcher=pool).
+    from distill.pipeline import train_command
+    from distill.runs import read_metrics
+
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = ["experiment=smoke", "logger=none", "trainer.num_threads=1", "eval.max_examples=4"]
+    grid = subprocess.run(train_command([*base, f"paths.root={tmp_path}/pool", "hydra/launcher=pool",
+                                         "hydra.launcher.n_jobs=2", "divergence=fkl,rkl", "seed=0,1"], multirun=True),
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert grid.returncode == 0, grid.stderr[-3000:]
+    logs = {p.parent.name.rsplit("-", 1)[0]: p for p in (tmp_path / "pool").glob("*/*/train.log")}
+    assert sorted(logs) == [f"{d}-tau1-toy-2x32-s{s}" for d in ("fkl", "rkl") for s in (0, 1)]
+    pids = [pid for log in logs.values() for pid in _attempt_pids(log)]
+    assert len(pids) == 4 and len(set(pids)) <= 2          # one attempt a cell, in two workers: each ran two
+    for name, log in logs.items():
+        lines = log.read_text().splitlines()
+        assert len(lines) == len(set(lines)) and sum("step 6/6" in line for line in lines) == 1, log.read_text()
+        results = [ln.split("distill.train: ")[1].split(":")[0] for ln in lines if re.search(r"train: \S+-s\d: ", ln)]
+        assert results == [name]  # its own result line, no other cell's
+
+    # The grid's last cell ran after another in the same worker; alone in a fresh process it scores the same.
+    solo = subprocess.run(train_command([*base, f"paths.root={tmp_path}/solo", "divergence=rkl", "seed=1"]),
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert solo.returncode == 0, solo.stderr[-3000:]
+    (alone,) = [read_metrics(p.parent) for p in (tmp_path / "solo").glob("*/*/metrics.json")]
+    pooled = read_metrics(logs["rkl-tau1-toy-2x32-s1"].parent)
+    for key in ("train", "valid", "eval"):
+        drop = ("time_s", "tokens_per_s")  # wall-clock figures
+        assert {k: v for k, v in pooled[key].items() if k not in drop} == \
+            {k: v for k, v in alone[key].items() if k not in drop}, key
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -374,6 +417,35 @@ def test_report_callback_with_submitit_local_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 cells: 2 completed" in (sweep_dir / "report.md").read_text()
     assert list((sweep_dir / ".submitit").iterdir())  # it really went through submitit
+
+
+@pytest.mark.parametrize("launcher, job_failed, cell_failed, refreshed", [
+    ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", False, False, True),  # every job
+    ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", False, False, False),    # at the end
+    ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", True, False, True),
+    ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", False, True, True),
+])
+def test_report_callback_rebuilds_after_a_job_where_no_multirun_end_may_come(
+        tmp_path, monkeypatch, launcher, job_failed, cell_failed, refreshed):
+    import json
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+
+    from distill import callbacks
+
+    hydra_cfg = OmegaConf.create({"mode": RunMode.MULTIRUN, "launcher": {"_target_": launcher}})
+    monkeypatch.setattr(callbacks.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+    calls = []
+    monkeypatch.setattr(callbacks, "refresh_report", calls.append)
+    for div, status in (("fkl", "completed"), ("rkl", "failed" if cell_failed else "completed")):
+        m = {"schema_version": 1, "status": status, "name": f"{div}-s0", "cell": {"divergence": div, "tau": 1.0, "seed": 0},
+             **({"eval": {"test": {"rougeL_mean": 1.0}}} if status == "completed" else {"error": "RuntimeError: boom"})}
+        (tmp_path / f"{div}-s0-0123abcd").mkdir()
+        (tmp_path / f"{div}-s0-0123abcd" / "metrics.json").write_text(json.dumps(m))
+    job = JobReturn(status=JobStatus.FAILED if job_failed else JobStatus.COMPLETED)
+    callbacks.ReportCallback().on_job_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}), job)
+    assert calls == ([str(tmp_path)] if refreshed else [])
 
 
 def test_preemption_callback_exits_on_sigterm_only_under_slurm(monkeypatch):

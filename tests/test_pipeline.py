@@ -57,7 +57,7 @@ def test_commands_local_one_after_the_other_slurm_one_array_for_both_sft_stages(
     _, stages = gpt2_plan
     local = pipeline.commands(stages, launcher="local", parallel=3, grid=[], hydra_overrides=[])
     assert [t for t, _ in local] == ["teacher", "student", "distill"]
-    assert "-m" not in local[0][1][3:] and "hydra.sweeper.max_batch_size=3" in local[2][1]
+    assert "-m" not in local[0][1][3:] and {"hydra/launcher=pool", "hydra.launcher.n_jobs=3"} <= set(local[2][1])
     slurm = pipeline.commands(stages, launcher="slurm", parallel=3, grid=["tau=1.0"],
                               hydra_overrides=["hydra.launcher.partition=gpu"])
     (title, sft), (_, grid) = slurm
