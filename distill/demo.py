@@ -5,9 +5,9 @@
     2. warm start    SFT of the 2-layer student: the anchors start students from SFT, since pure RKL
                      from a random init collapses and would make the comparison an artefact
     3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start, in two worker
-                     processes that run cell after cell (one per core; hydra/launcher=pool), teacher cached once; then the fair
-                     baseline: SFT continued from the same warm start for the same steps, one cell per
-                     seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
+                     processes that run cell after cell (one per core; hydra/launcher=pool), teacher
+                     cached once; then the fair baseline: SFT continued from the same warm start for the
+                     same steps, one cell per seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
     4. the report    <root>/demo/report.{md,csv,png}
 
 A second run finds the finished teacher, warm start and cells by their signatures and skips them.

@@ -1036,9 +1036,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     # `python -m distill.train` (how distill-pipeline starts its stages) runs this file as __main__. Hand over
-    # to the importable module, so that submitit pickles the job by reference as it does for `distill-train`:
-    # pickled by value, a job never imports distill.train, whose module-level setup then never runs in it (the
-    # cell log's propagate=False: every train.log line was written twice).
+    # to the importable module, so that submitit (and the pool's loky) pickle the job by reference, as for
+    # `distill-train`. Pickled by value, a job never imports distill.train, whose module-level setup then never
+    # runs in it (the cell log's propagate=False: every train.log line was written twice).
     from distill.train import main as _main
 
     _main()
