@@ -66,13 +66,12 @@ def diff(scores: Scores, a: tuple, b: tuple, bench: str):
 def fmt_test(t) -> str:
     if math.isnan(t.ci_low):  # every seed gave the same difference (e.g. identical cells): no interval, no claim
         return f"{t.mean:+.1f} on every seed"
-    verdict = "resolved" if t.ci_low > 0 or t.ci_high < 0 else "not resolved"
-    return f"{t.mean:+.1f} [{t.ci_low:+.1f}, {t.ci_high:+.1f}] {verdict}"
+    return f"{t.mean:+.1f} [{t.ci_low:+.1f}, {t.ci_high:+.1f}] {'resolved' if t.resolved else 'not resolved'}"
 
 
 def resolved(t) -> int:
-    """+1 / −1 when the CI excludes 0 above / below, else 0."""
-    return 1 if t.ci_low > 0 else -1 if t.ci_high < 0 else 0
+    """+1 / −1 when the CI excludes 0 above / below (`PairedTest.resolved`), else 0."""
+    return (1 if t.mean > 0 else -1) if t.resolved else 0
 
 
 def axes(scores: Scores) -> tuple[list[float], list[int]]:
