@@ -167,19 +167,40 @@ def test_a_waiting_twin_skips_the_cell_its_first_run_finished(smoke_cfg, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_identical_commands_at_once_train_the_cell_once(tmp_path, data_root):
+def test_two_identical_commands_at_once_train_the_cell_once(smoke_cfg, tmp_path, data_root):
+    # The test holds the cell's lock until both commands are waiting on it, so the race is the same on every
+    # machine: had one command started after the other finished, it would only skip a completed cell.
     args = ["experiment=smoke", *FAST, f"paths.root={tmp_path}", f"paths.data_dir={data_root}",
             "cell_lock.heartbeat_s=1"]
+    cell = inputs.locate(smoke_cfg(*FAST, "cell_lock.heartbeat_s=1"))[0]
+    cell.mkdir(parents=True)
+    early = locks.CellLock(cell, heartbeat_s=1, stale_after_s=30)
+    early.acquire(wait_s=0)
     procs = [subprocess.Popen([sys.executable, "-m", "distill.train", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=_env()) for _ in range(2)]
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    (metrics_file,) = tmp_path.glob("adhoc/*/metrics.json")
-    m = json.loads(metrics_file.read_text())
+    outs: list[list[str]] = [[], []]
+    pumps = [threading.Thread(target=lambda p=p, o=o: o.extend(p.stdout)) for p, o in zip(procs, outs)]
+    for t in pumps:
+        t.start()
+    try:
+        deadline = time.monotonic() + 600
+        while not all(any("waiting for it" in line for line in o) for o in outs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                "\n".join("".join(o)[-2000:] for o in outs)
+            time.sleep(0.2)
+    finally:
+        early.release()  # now both race for the lock
+    for p in procs:
+        p.wait(timeout=900)
+    for t in pumps:
+        t.join()
+    outs_text = ["".join(o) for o in outs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs_text)
+    m = json.loads((cell / runs.METRICS_FILE).read_text())
     assert m["status"] == "completed" and len(m["attempts"]) == 1  # one of them trained, once
-    steps = [r["step"] for r in _log_records(metrics_file.parent) if "train/loss" in r]
+    steps = [r["step"] for r in _log_records(cell) if "train/loss" in r]
     assert steps == sorted(set(steps)) == [2, 4, 6]
-    assert sum("already completed" in o for o in outs) == 1 and sum("waiting for it" in o for o in outs) == 1
+    assert sum("already completed" in o for o in outs_text) == 1  # the other waited for it, then skipped it
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
