@@ -4,10 +4,10 @@
     1. teacher       SFT of a 4-layer toy GPT-2 on the embedded task suite (the job with loss.kd_ratio=0)
     2. warm start    SFT of the 2-layer student: the anchors start students from SFT, since pure RKL
                      from a random init collapses and would make the comparison an artefact
-    3. the sweep     fkl, rkl, jsd x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start, in two worker
+    3. the sweep     fkl, rkl x tau 1, 2, 4 x seeds 0, 1, 2 from the warm start, in two worker
                      processes that run cell after cell (one per core; hydra/launcher=pool), teacher
-                     cached once; then the fair baseline: SFT continued from the same warm start for the
-                     same steps, one cell per seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
+                     cached once; beside it the fair baseline: SFT continued from the same warm start for
+                     the same steps, one cell per seed (conf/recipe/demo/baseline.yaml), the report's `sft` row
     4. the report    <root>/demo/report.{md,csv,png}
 
 A second run finds the finished teacher, warm start and cells by their signatures and skips them.
@@ -38,7 +38,7 @@ SCALES = {
             "trainer.log_every=2", "trainer.eval_every=3", "trainer.val_batches=1", "trainer.progress=false",
             "eval.seeds=[10]", "eval.max_examples=8", "eval.batch_size=8", "eval.max_new_tokens=16", "logger=none",
         ],
-        "grid": ["divergence=fkl,rkl,jsd", "tau=1.0,2.0", "seed=0"],
+        "grid": ["divergence=fkl,rkl", "tau=1.0,2.0", "seed=0"],
         "baseline_grid": ["seed=0"],
     },
 }

@@ -12,7 +12,7 @@ A recipe (`conf/recipe/<recipe>/`) has three stages, each one `distill-train` co
     3. distill   the divergence x tau x seed grid (recipe=<recipe>/distill, its hydra.sweeper.params), with
                  model.teacher.path / model.student.path set to the exports of stages 1 and 2
        baseline  if the recipe has one (recipe=<recipe>/baseline): SFT continued from the warm start, into
-                 the grid's sweep dir (the report's `sft` row)
+                 the grid's sweep dir (the report's `sft` row); it runs beside the grid, not after it
     4. report    <root>/<distill sweep>/report.{md,csv,png}
 
 The driver composes every stage's config to find its run dir (the signature of its config, never the
@@ -39,6 +39,7 @@ from distill.config import CONF_DIR, compose
 RECIPE_DIR = CONF_DIR / "recipe"
 SFT_STAGES = ("teacher", "student")
 LAUNCHERS = ("local", "slurm", "slurm_cpu")
+GRID_STAGES = ("distill", "baseline")  # launched together once the SFT exports exist
 
 
 def recipes() -> list[str]:
@@ -167,9 +168,9 @@ def train_command(overrides: list[str], *, multirun: bool = False) -> list[str]:
 def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid: list[str],
              hydra_overrides: list[str], baseline_grid: list[str] = ()) -> list[tuple[str, list[str]]]:
     """(title, command) of every unfinished stage, in order. Locally the SFT stages run one after the other
-    as plain jobs and the grid in a pool of `parallel` worker processes (hydra/launcher=pool), each running
-    cell after cell; on SLURM the two SFT stages are one job array (a multirun over the recipe's stage) and
-    the grid another."""
+    as plain jobs, the grid in a pool of `parallel` worker processes (hydra/launcher=pool), each running
+    cell after cell, and the baseline in a pool of one beside it; on SLURM the two SFT stages are one job
+    array (a multirun over the recipe's stage), the grid another and the baseline a third."""
     out: list[tuple[str, list[str]]] = []
     todo = [s for s in SFT_STAGES if not stages[s].finished]
     if launcher == "local":
@@ -180,9 +181,9 @@ def commands(stages: dict[str, StagePlan], *, launcher: str, parallel: int, grid
         common = stages[todo[0]].overrides[1:]
         out.append(("+".join(todo), train_command([f"recipe={recipe_choice}", *common, f"hydra/launcher={launcher}",
                                                    *hydra_overrides], multirun=True)))
-    local = ["hydra/launcher=pool", f"hydra.launcher.n_jobs={parallel}"] if launcher == "local" else \
-        [f"hydra/launcher={launcher}"]
-    for name, cells in (("distill", list(grid)), ("baseline", list(baseline_grid))):
+    for name, cells, n_jobs in (("distill", list(grid), parallel), ("baseline", list(baseline_grid), 1)):
+        local = ["hydra/launcher=pool", f"hydra.launcher.n_jobs={n_jobs}"] if launcher == "local" else \
+            [f"hydra/launcher={launcher}"]
         if name in stages and not stages[name].finished:
             out.append((name, train_command([*stages[name].overrides, *cells, *local, *hydra_overrides], multirun=True)))
     return out
@@ -232,14 +233,14 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
         if "distill" not in stages:
             log("== distill: planned once the SFT stages' exports exist")
         return {"stages": stages, "report": None}
-    _run_stages([t for t in todo if t[0] not in ("distill", "baseline")], stages, log)
+    _run_stages([t for t in todo if t[0] not in GRID_STAGES], stages, log)
     stages = plan(recipe, root, overrides, grid, baseline_grid)  # the exports exist now: the grid's cells and dirs
     if "distill" not in stages:
         raise ValueError("the SFT stages ran, yet their run dirs cannot be located (see their train.log)")
     log_skips()
     todo = [t for t in commands(stages, launcher=launcher, parallel=parallel, grid=list(grid),
                                 hydra_overrides=hydra_overrides, baseline_grid=list(baseline_grid))
-            if t[0] in ("distill", "baseline")]
+            if t[0] in GRID_STAGES]
     failure = _run_stages(todo, stages, log)
     from distill.report import build_report
 
@@ -252,22 +253,28 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
 
 def _run_stages(todo: list[tuple[str, list[str]]], stages: dict[str, StagePlan],
                 log: Any) -> subprocess.CalledProcessError | None:
-    """Run the commands in order. An SFT stage that fails raises (nothing after it can run); a grid that fails
-    is returned, so that the report (which lists the failed cells) is still written."""
-    failure = None
-    for title, cmd in todo:
+    """Run the SFT stages one after the other, then the grid and the baseline at once (independent multiruns:
+    the baseline's few one-worker cells fill the cores the grid leaves idle, and on SLURM both arrays queue
+    together). An SFT stage that fails raises (nothing after it can run); a grid that fails is returned, so
+    that the report (which lists the failed cells) is still written."""
+    for title, cmd in [t for t in todo if t[0] not in GRID_STAGES]:
         t0 = time.time()
         log(f"\n== {title}: $ distill-train {' '.join(cmd[3:])}")
-        try:
-            subprocess.run(cmd, check=True)
-        except subprocess.CalledProcessError as exc:
-            if title not in ("distill", "baseline"):
-                raise
-            failure = exc
+        subprocess.run(cmd, check=True)
         log(f"== {title}: done in {time.time() - t0:.0f} s")
         for name in title.split("+"):
-            if name in SFT_STAGES and stages[name].run_dirs[0] is not None:
+            if stages[name].run_dirs[0] is not None:
                 log(f"   {name} ROUGE-L: {scores(stages[name].run_dirs[0])}")
+    running = []
+    for title, cmd in [t for t in todo if t[0] in GRID_STAGES]:
+        log(f"\n== {title}: $ distill-train {' '.join(cmd[3:])}")
+        running.append((title, cmd, time.time(), subprocess.Popen(cmd)))
+    failure = None
+    for title, cmd, t0, proc in running:
+        if proc.wait() != 0 and failure is None:
+            failure = subprocess.CalledProcessError(proc.returncode, cmd)
+        log(f"== {title}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode})'} in "
+            f"{time.time() - t0:.0f} s")
     return failure
 
 

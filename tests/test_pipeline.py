@@ -67,6 +67,28 @@ def test_commands_local_one_after_the_other_slurm_one_array_for_both_sft_stages(
     assert "hydra.launcher.partition=gpu" not in stages["teacher"].overrides  # launcher keys only go to -m runs
 
 
+def test_the_baseline_runs_beside_the_grid_in_a_pool_of_one(tmp_path):
+    stages = {name: pipeline.StagePlan(name, [f"recipe=demo/{name}"], [[]], [None]) for name in
+              ("teacher", "student", "distill", "baseline")}
+    titles = {t: cmd for t, cmd in pipeline.commands(stages, launcher="local", parallel=2, grid=[], hydra_overrides=[])}
+    assert {"hydra/launcher=pool", "hydra.launcher.n_jobs=2"} <= set(titles["distill"])
+    assert {"hydra/launcher=pool", "hydra.launcher.n_jobs=1"} <= set(titles["baseline"])
+
+    # Each fake stage waits for the other to have started: run one after the other, the first would time out.
+    def waits_for(mine: str, other: str, rc: int) -> list[str]:
+        code = (f"import pathlib, sys, time; d = pathlib.Path({str(tmp_path)!r}); (d / {mine!r}).touch(); "
+                f"t = time.time() + 60\nwhile not (d / {other!r}).exists():\n    time.sleep(0.05)\n"
+                f"    if time.time() > t: sys.exit(3)\nsys.exit({rc})")
+        return [sys.executable, "-c", code, "x"]
+
+    logged: list[str] = []
+    todo = [("distill", waits_for("grid", "base", 1)), ("baseline", waits_for("base", "grid", 0))]
+    failure = pipeline._run_stages(todo, stages, logged.append)
+    assert isinstance(failure, subprocess.CalledProcessError) and failure.returncode == 1  # the grid's own exit
+    assert any(line.startswith("== distill: failed (exit 1)") for line in logged)
+    assert any(line.startswith("== baseline: done") for line in logged)  # it ran to its end regardless
+
+
 def test_unknown_recipe_is_a_one_line_error(capsys):
     assert pipeline.main(["gpt5_gpt2", "--dry-run"]) == 2
     assert "unknown recipe 'gpt5_gpt2': choose one of demo, gpt2-xl_gpt2" in capsys.readouterr().err
