@@ -270,11 +270,14 @@ def _run_stages(todo: list[tuple[str, list[str]]], stages: dict[str, StagePlan],
         log(f"\n== {title}: $ distill-train {' '.join(cmd[3:])}")
         running.append((title, cmd, time.time(), subprocess.Popen(cmd)))
     failure = None
-    for title, cmd, t0, proc in running:
-        if proc.wait() != 0 and failure is None:
-            failure = subprocess.CalledProcessError(proc.returncode, cmd)
-        log(f"== {title}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode})'} in "
-            f"{time.time() - t0:.0f} s")
+    while running:  # each stage's end is logged when it comes, whichever comes first
+        time.sleep(0.2)
+        for title, cmd, t0, proc in [r for r in running if r[3].poll() is not None]:
+            running.remove((title, cmd, t0, proc))
+            if proc.returncode != 0 and failure is None:
+                failure = subprocess.CalledProcessError(proc.returncode, cmd)
+            log(f"== {title}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode})'} in "
+                f"{time.time() - t0:.0f} s")
     return failure
 
 
