@@ -3,7 +3,7 @@
 Written by `distill.report.write_report` beside report.md, so it is rebuilt after every cell. It shows:
 
 - ROUGE-L vs tau, one panel per benchmark: one line per objective (mean ± std over training seeds,
-  as in report.md), each training seed's score as a point, the teacher and the SFT baseline as
+  as in report.md), each training seed's score as a point, the teacher and the SFT warm start as
   reference lines (`distill.report.references`); objectives toggle with the checkboxes or the legend;
 - FKL - RKL vs tau per benchmark (paired by training seed, ± std), with the zero line;
 - the table of cells with their status; a click on a row opens the cell: its train and validation

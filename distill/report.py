@@ -157,7 +157,7 @@ def dedupe(cells: list[Cell]) -> list[Cell]:
 class Reference:
     """A model the sweep's students are compared with: its own cell's scores per benchmark."""
 
-    label: str                  # "teacher" or "SFT baseline" (+ the cell dir when there are several)
+    label: str                  # "teacher" or "SFT warm start" (+ the cell dir when there are several)
     cell_dir: str               # the reference's own run dir
     scores: dict[str, float]    # benchmark -> rougeL_mean
 
@@ -195,7 +195,7 @@ def references(cells: Iterable[Cell], root: str | os.PathLike) -> list[Reference
                 found[(role, run_dir)] = {b: float(e["rougeL_mean"]) for b, e in m["eval"].items()}
     out = []
     for (role, run_dir), scores in sorted(found.items(), key=lambda kv: (kv[0][0] != "teacher", str(kv[0][1]))):
-        label = "teacher" if role == "teacher" else "SFT baseline"
+        label = "teacher" if role == "teacher" else "SFT warm start"
         if sum(r == role for r, _ in found) > 1:
             label += f" ({run_dir.name})"
         out.append(Reference(label, str(run_dir), scores))
@@ -742,7 +742,7 @@ def plot_caption(summary: Summary, sweep: str) -> str:
 def render_png(summary: Summary, sweep: str, path: Path, refs: Sequence[Reference] = ()) -> None:
     """ROUGE-L vs tau, one panel per benchmark, one line (± 1 std over training seeds) per objective.
 
-    The teacher (dash-dotted) and the SFT baseline (dotted) of `refs` are levels too.
+    The teacher (dash-dotted) and the SFT warm start (dotted) of `refs` are levels too.
     An SFT row that fills every tau column is drawn as a dashed level with a ± 1 std band.
     """
     import matplotlib

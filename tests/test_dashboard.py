@@ -44,7 +44,7 @@ def page_data(html: str) -> dict:
 
 def test_references_come_from_the_teacher_and_warm_start_cells(sweep):
     refs = report.references(report.scan_sweep(sweep), sweep)
-    assert [(r.label, Path(r.cell_dir).name) for r in refs] == [("teacher", TEACHER), ("SFT baseline", WARM_START)]
+    assert [(r.label, Path(r.cell_dir).name) for r in refs] == [("teacher", TEACHER), ("SFT warm start", WARM_START)]
     assert refs[0].scores == {"test": 55.0, "shift_long": 41.0} and refs[1].scores["test"] == 30.0
 
 
@@ -68,7 +68,7 @@ def test_png_has_reference_lines_and_says_what_its_y_axis_is(sweep, monkeypatch)
         assert ax.get_ylabel() == "ROUGE-L F1 x 100"
         levels = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()}
         expected = {"test": (55.0, 30.0), "shift_long": (41.0, 25.0)}[ax.get_title()]
-        assert (levels["teacher"], levels["SFT baseline"]) == expected
+        assert (levels["teacher"], levels["SFT warm start"]) == expected
     plt.close(fig)
 
 
@@ -101,7 +101,7 @@ def test_rouge_panel_matches_the_report(sweep):
     assert sorted(fkl_test["y"]) == sorted(s for tau in summary.taus
                                            for s in summary.get("test", summary.rows[0], tau).by_seed.values())
     refs = {(t["meta"]["reference"], t["meta"]["benchmark"]): t["y"] for t in traces if t["meta"]["kind"] == "reference"}
-    assert refs[("teacher", "test")] == [55.0, 55.0] and refs[("SFT baseline", "shift_long")] == [25.0, 25.0]
+    assert refs[("teacher", "test")] == [55.0, 55.0] and refs[("SFT warm start", "shift_long")] == [25.0, 25.0]
     layout = data["rouge"]["layout"]
     assert layout["yaxis"]["title"]["text"] == "ROUGE-L F1 x 100" and layout["xaxis"]["type"] == "log"
 

@@ -102,7 +102,7 @@ def test_one_trace_per_objective_and_benchmark_drawn(page):
     assert n_paths >= 6 + 4
     refs = driver.execute_script("""return document.getElementById('rouge').data
         .filter(t => t.meta.kind === 'reference').map(t => t.name)""")
-    assert set(refs) == {"teacher", "SFT baseline"}
+    assert set(refs) == {"teacher", "SFT warm start"}
 
 
 def test_objectives_toggle(page):
