@@ -272,8 +272,9 @@ def _run_stages(todo: list[tuple[str, list[str]]], stages: dict[str, StagePlan],
     failure = None
     while running:  # each stage's end is logged when it comes, whichever comes first
         time.sleep(0.2)
-        for title, cmd, t0, proc in [r for r in running if r[3].poll() is not None]:
-            running.remove((title, cmd, t0, proc))
+        ended = [r for r in running if r[3].poll() is not None]
+        running = [r for r in running if r not in ended]
+        for title, cmd, t0, proc in ended:
             if proc.returncode != 0 and failure is None:
                 failure = subprocess.CalledProcessError(proc.returncode, cmd)
             log(f"== {title}: {'done' if proc.returncode == 0 else f'failed (exit {proc.returncode})'} in "
