@@ -65,8 +65,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import peers
-from distill.chunked_losses import chunked_distillation_loss, fused_distillation_loss
-from distill.losses import DIVERGENCES, distillation_loss, resolve_params
+from distill.losses.chunked import chunked_distillation_loss, fused_distillation_loss
+from distill.losses.divergences import distillation_loss, resolve_params
+from distill.options import DIVERGENCES
 
 SECTIONS = {
     "logits": ("naive", "plain", "chunked", "torchtune"),
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# skipped the {dist} variants: not installed ({peers.INSTALL_HINT})")
     _peer_summary(rows)
     if args.json:
-        from distill.runs import atomic_write_json
+        from distill.files import atomic_write_json
 
         atomic_write_json(Path(args.json), {
             "args": {k: v for k, v in vars(args).items() if k != "child"}, "versions": peers.versions(),

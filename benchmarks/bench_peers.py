@@ -117,7 +117,7 @@ def _trl_trainer(cell, student, batches: list[dict], trl_beta: float, tau: float
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from distill import engine as eng
+    from distill.train import engine as eng
 
     class TRLSide(GKDTrainer):
         """GKDTrainer + the distillation temperature passed to its own loss, + each step's exact loss recorded."""
@@ -176,8 +176,9 @@ def run_config(args, objective: str, tau: float, root: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
     from transformers import TrainerCallback
 
-    from distill import evaluate, models
-    from distill.train import after_step, finish, sample_batches, setup, train_step
+    from distill import models
+    from distill.evaluation import generate as evaluate
+    from distill.train.run import after_step, finish, sample_batches, setup, train_step
 
     cfg = _config(args, objective, tau, root)
     cell = setup(cfg)
@@ -334,7 +335,7 @@ def _quiet() -> None:
 
 def _demo_pair(root: Path) -> list[str]:
     """Overrides for the demo's teacher and SFT warm start under `root`, trained by the demo's stages if missing."""
-    from distill import demo
+    from distill.sweep import demo as demo
 
     dirs = demo.prep_model_dirs(root)
     if not all((d / "config.json").exists() for d in dirs.values()):
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# pair: {results[0]['model']}; micro batch {results[0]['micro_batch']}")
     report(results, args)
     if args.json:
-        from distill.runs import atomic_write_json
+        from distill.files import atomic_write_json
 
         atomic_write_json(Path(args.json), {"versions": peers.versions(), "args": vars(args), "results": [
             {**r, "summary": summarise(r, args.warmup)} for r in results]})

@@ -54,7 +54,7 @@ def _compose(overrides: list[str]):
 
 def build_cells(root: Path, teacher: str | None, student: str | None, extra: list[str]) -> dict:
     """The three cells of part 1 (one process, one engine each), built by the job's own `setup`."""
-    from distill import train
+    from distill.train import run as train
 
     base = ["experiment=demo", "logger=none", "divergence=fkl", "tau=1.0", f"paths.root={root}",
             "trainer.progress=false", "trainer.eval_every=0", "trainer.ckpt_every=0"]
@@ -79,7 +79,7 @@ def build_cells(root: Path, teacher: str | None, student: str | None, extra: lis
 
 def time_steps(cells: dict, rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """Interleaved, shuffled rounds of one step per variant: wall/CPU of the rollout and of train_step."""
-    from distill import train
+    from distill.train import run as train
 
     out = {v: {"wall": [], "cpu": [], "gen_wall": [], "gen_cpu": [], "gen_tokens": []} for v in cells}
     rng = random.Random(0)
@@ -108,7 +108,7 @@ def time_steps(cells: dict, rounds: int, warmup: int) -> dict[str, dict[str, lis
 def time_generation(student: torch.nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_length: int,
                     rounds: int) -> dict[str, dict[str, list[float]]]:
     """Part 2: tokens/s of the rollout's sampler vs no KV cache vs one prompt at a time (same seed each time)."""
-    from distill.rollout import sample_examples
+    from distill.rollouts.rollout import sample_examples
 
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": None, "no_repeat_ngram_size": 0}
     original = student.generate
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    from distill.rollout import prompt_of
+    from distill.rollouts.rollout import prompt_of
 
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
         cells = build_cells(Path(tmp), args.teacher, args.student, [f"trainer.num_threads={args.threads}",

@@ -77,9 +77,9 @@ def timed(fn: Callable):
 
 def sft(model, train_ex: list[dict], pad_id: int, steps: int, seed: int) -> float:
     """A plain SFT loop on the job's batches (setup only, not measured); returns the last step's CE."""
-    from distill.data import collate_train
-    from distill.engine import lr_schedule
-    from distill.train import sample_indices
+    from distill.data.records import collate_train
+    from distill.train.engine import lr_schedule
+    from distill.train.run import sample_indices
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.01)
     sched = lr_schedule(opt, max(1, steps // 10), steps, 0.1)
@@ -125,7 +125,7 @@ def prepare_models(args, cfg, train_ex, tokenizer, tmp: Path) -> tuple[Path, Pat
 
 def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
     """Measure the three grid variants (see the module docstring); return the markdown report lines."""
-    from distill import train
+    from distill.train import run as train
 
     with_teacher = base + [f"model.teacher.path={teacher_dir}"]
     cache_setting = f"loss.teacher_cache={args.cache_kind}"
@@ -220,8 +220,8 @@ def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
 @torch.no_grad()
 def student_rows(student, examples: list[dict], pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """Student logits at the teacher cache's positions, in the cache's row order (example, then position)."""
-    from distill.data import collate_train
-    from distill.teacher_cache import response_positions
+    from distill.data.records import collate_train
+    from distill.teachers.cache import response_positions
 
     rows = []
     for start in range(0, len(examples), batch_size):
@@ -233,7 +233,7 @@ def student_rows(student, examples: list[dict], pad_id: int, batch_size: int = 3
 
 def loss_and_grad(s_rows: torch.Tensor, t_rows: torch.Tensor, divergence: str, tau: float):
     """(loss value, gradient w.r.t. the student logits) of the distillation loss over all rows."""
-    from distill.losses import distillation_loss
+    from distill.losses.divergences import distillation_loss
 
     s = s_rows.clone().requires_grad_(True)
     mask = torch.ones(s.shape[0], dtype=torch.bool)
@@ -245,7 +245,7 @@ def loss_and_grad(s_rows: torch.Tensor, t_rows: torch.Tensor, divergence: str, t
 def topk_error(args, teacher_dir: Path, student_dir: Path, train_ex, tokenizer, device) -> list[str]:
     """Loss/gradient error of the top-k cache vs the exact teacher, and tail mass outside the top-k."""
     from distill import models
-    from distill.teacher_cache import compute, rebuild_topk
+    from distill.teachers.cache import compute, rebuild_topk
 
     pad_id = tokenizer.pad_token_id
     examples = train_ex[: args.topk_examples]
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     bt.quiet()
 
-    from distill import train
+    from distill.train import run as train
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_cache_") as tmp_name:

@@ -102,7 +102,7 @@ def job_cfg(args, extra: list[str] = ()):
 
 def build_cache(teacher, teacher_dir: Path, exs: list[dict], cache_dir: Path, kind: str, dtype=torch.float32,
                 topk=None):
-    from distill.teacher_cache import TeacherCache
+    from distill.teachers.cache import TeacherCache
 
     return TeacherCache.build_or_load(cache_dir, teacher.to(dtype), teacher_dir, exs, pad_id=PAD, batch_size=2,
                                       kind=kind, topk=topk, device=torch.device("cpu"), dtype=dtype, progress=False)
@@ -113,7 +113,7 @@ def build_cache(teacher, teacher_dir: Path, exs: list[dict], cache_dir: Path, ki
 
 
 def storage(args, tmp: Path) -> list[str]:
-    from distill.teacher_cache import bytes_per_position
+    from distill.teachers.cache import bytes_per_position
 
     forms = [("hidden", "bf16", torch.bfloat16, None), ("hidden", "fp32", torch.float32, None),
              ("logits", "fp32", torch.float32, None), *[("topk", f"k={k}", torch.float32, k) for k in args.ks]]
@@ -160,10 +160,10 @@ def storage(args, tmp: Path) -> list[str]:
 
 
 def step_time(args, tmp: Path) -> list[str]:
-    from distill import engine as eng
+    from distill.train import engine as eng
     from distill import models
-    from distill.data import collate_train
-    from distill.train import fused_batch_loss, response_mask
+    from distill.data.records import collate_train
+    from distill.train.run import fused_batch_loss, response_mask
 
     cfg = job_cfg(args)
     a, b = args.live_layers
@@ -254,11 +254,11 @@ def memory_worker(args) -> None:
     """Under torchrun: one configuration (--stage, --impl, --shard); each rank writes its numbers to --out."""
     import contextlib
 
-    from distill import engine as eng
+    from distill.train import engine as eng
     from distill import models
-    from distill.data import collate_train
-    from distill.teacher_cache import TeacherCache
-    from distill.train import EXAMPLE_IDS, micro_batch_loss, response_mask
+    from distill.data.records import collate_train
+    from distill.teachers.cache import TeacherCache
+    from distill.train.run import EXAMPLE_IDS, micro_batch_loss, response_mask
 
     rank, world = eng.setup_distributed(600)
     torch.set_num_threads(1)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "memory":
         memory_worker(args)
         return 0
-    from distill import engine as eng
+    from distill.train import engine as eng
 
     parts = [x.strip() for x in args.part.split(",") if x.strip()]
     t_start = time.time()

@@ -130,7 +130,7 @@ class Clock:
 def job_step(cell, step: int) -> Clock:
     """One optimizer step of the job (`distill.train.train_step` on `cell`), timed segment by segment through its
     `lap` hook; the clock carries the step's loss."""
-    from distill.train import train_step
+    from distill.train.run import train_step
 
     clock = Clock()
     clock.loss = train_step(cell, step, lap=clock.lap)["loss"]
@@ -145,10 +145,10 @@ def make_bare_step(ref, student, job_loss: bool = False) -> Callable[[int], Cloc
     job_loss=True swaps `distillation_loss` for the job's `batch_loss` (which also computes the CE term), so that
     the difference to the job is DeepSpeed alone.
     """
-    from distill.data import collate_train, response_mask
-    from distill.engine import lr_schedule, min_lr_ratio
-    from distill.losses import distillation_loss
-    from distill.train import batch_loss, sample_indices
+    from distill.data.records import collate_train, response_mask
+    from distill.train.engine import lr_schedule, min_lr_ratio
+    from distill.losses.divergences import distillation_loss
+    from distill.train.run import batch_loss, sample_indices
 
     cfg, teacher, train_ex, pad_id = ref.cfg, ref.teacher, ref.train_examples, ref.tokenizer.pad_token_id
     t, plan = cfg.trainer, ref.schedule.batch
@@ -331,7 +331,8 @@ def build(overrides: list[str], variant: str, ref):
     """The step function of one variant: a job cell of its own (`distill.train.setup`; ZeRO-0 fp32 is `ref`
     itself) or, for the bare loops, a student of its own (same seed => same initial weights) on `ref`'s data,
     config and teacher."""
-    from distill import models, train
+    from distill import models
+    from distill.train import run as train
     from distill.config import compose
 
     if variant.startswith("bare"):
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quiet()
 
-    from distill import train
+    from distill.train import run as train
     from distill.config import compose
 
     t_start = time.time()

@@ -1,9 +1,9 @@
-"""The job's config: where it lives (`CONF_DIR`), composing it (`compose`), and the checks run on it before any
-work starts (`validate`: every problem found, one line each).
+"""The job's config: where it lives (`CONF_DIR`), composing it (`compose`), the checks run on it before any
+work starts (`check_config`: every problem found, one line each), and what follows from it (the batch plan
+and the step schedule).
 
-The allowed values of each option live with the code that implements it (losses, chunked_losses,
-teacher_cache, rollout) and the checks here read them from there; the ZeRO stages and precisions live here,
-and engine and models import them.
+The allowed values of each option live in distill.options; the divergences' parameters are judged by the
+loss core itself (one source of truth).
 """
 
 from __future__ import annotations
@@ -17,30 +17,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from distill.chunked_losses import IMPLS
-from distill.losses import DIVERGENCES, TAU_TARGETS, divergence_per_token
-from distill.teacher_cache import SETTINGS as CACHE_SETTINGS
+from distill.options import (CACHE_SETTINGS, DIVERGENCES, EPOCH, LOSS_IMPLS, ON_CHANGE, PRECISIONS, REPLAY_RATIOS,
+                             ROLLOUTS, SELECTIONS, TAU_TARGETS, ZERO_STAGES, ConfigError)
+from distill.losses.divergences import divergence_per_token
+from distill.secrets import secret_keys
 
 # conf/ sits next to the package (editable install): an absolute path works however the app is started.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-ZERO_STAGES = (0, 1, 2, 3)             # trainer.zero_stage values
-PRECISIONS = ("fp32", "bf16", "fp16")  # trainer.precision / model.dtype values (fp16: GPU only); models maps them
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run; the message lists every problem, one per line."""
-
-
-class InputError(ConfigError):
-    """Something the config points at cannot be used (a data file, a model dir, a checkpoint, the output dir).
-
-    Like a config error it is the user's to fix: the job says what was wrong and what would be right in one
-    line and exits with status 2 (the traceback goes to the cell's log).
-    """
-
-
-SELECTIONS = ("last", "loss", "rougeL")   # trainer.select: which evaluation's checkpoint is the result
-EPOCH = "epoch"                           # trainer.eval_every / ckpt_every: once per epoch
 
 
 def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
@@ -82,8 +65,8 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
         out.append(f"loss.kd_ratio={loss.kd_ratio}: must be in [0, 1] (0 = SFT, 1 = pure distillation)")
     if loss.tau_target not in TAU_TARGETS:
         out.append(f"loss.tau_target={loss.tau_target!r}: must be one of {list(TAU_TARGETS)}")
-    if loss.impl not in IMPLS:
-        out.append(f"loss.impl={loss.impl!r}: must be one of {list(IMPLS)}")
+    if loss.impl not in LOSS_IMPLS:
+        out.append(f"loss.impl={loss.impl!r}: must be one of {list(LOSS_IMPLS)}")
     cache, topk = loss.get("teacher_cache", False), loss.get("teacher_cache_topk")
     if cache not in CACHE_SETTINGS:
         out.append(f"loss.teacher_cache={cache!r}: must be one of false, true, auto (the smaller exact form when "
@@ -128,14 +111,12 @@ def _reliability_problems(cfg: DictConfig) -> list[str]:
     """Secrets in the config, and the input-change and cell-lock settings."""
     from omegaconf import OmegaConf
 
-    from distill.runs import secret_keys
-
     out = [f"{key}: looks like a secret: pass secrets in the environment (HF_TOKEN, WANDB_API_KEY, ...), never in "
            "a config: configs are written to disk and to W&B"
            for key in secret_keys(OmegaConf.to_container(cfg, resolve=False))]
     on_change = (cfg.get("inputs") or {}).get("on_change", "rerun")
-    if on_change not in ("rerun", "error"):
-        out.append(f"inputs.on_change={on_change!r}: must be one of ['rerun', 'error']")
+    if on_change not in ON_CHANGE:
+        out.append(f"inputs.on_change={on_change!r}: must be one of {list(ON_CHANGE)}")
     lock = cfg.get("cell_lock") or {}
     hb, stale, wait = lock.get("heartbeat_s", 30), lock.get("stale_after_s", 300), lock.get("wait_s")
     if not (isinstance(hb, (int, float)) and isinstance(stale, (int, float)) and 0 < hb < stale):
@@ -253,8 +234,6 @@ def _divergence_param_problems(cfg: DictConfig) -> list[str]:
 
 def _rollout_problems(cfg: DictConfig) -> list[str]:
     """What cannot run in the `rollout` group (absent = offline)."""
-    from distill.rollout import REPLAY_RATIOS, ROLLOUTS
-
     r = cfg.get("rollout") or {"name": "offline"}
     name = r.get("name")
     if name not in ROLLOUTS:
@@ -298,7 +277,7 @@ def _rollout_problems(cfg: DictConfig) -> list[str]:
     return out
 
 
-def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+def check_config(cfg: DictConfig, world_size: int | None = None) -> None:
     """Raise ConfigError listing every problem in `cfg` (world size checks only when it is known)."""
     found = problems(cfg, world_size)
     if found:

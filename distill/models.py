@@ -17,9 +17,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.chunked_losses import LogitTransform, head_logits
-from distill.config import PRECISIONS, InputError
-from distill.runs import atomic_path
+from distill.losses.chunked import LogitTransform, head_logits
+from distill.options import InputError, PRECISIONS
+from distill.files import atomic_path
 
 log = logging.getLogger(__name__)
 

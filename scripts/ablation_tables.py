@@ -21,8 +21,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from distill.report import dedupe, scan_sweep
-from distill.stats import paired_test
+from distill.report.summary import dedupe, scan_sweep
+from distill.report.statistics import paired_test
 
 BENCHMARKS = ("test", "shift_wording", "shift_long")
 OBJECTIVES = ("fkl", "rkl", "jsd")

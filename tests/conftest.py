@@ -76,8 +76,8 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def alpaca_tokenizer():
     """The embedded suite's recipe (byte-level BPE with EOS, PAD and a chat template) on Alpaca-style lines."""
-    from distill.data import ALPACA_PROMPT_INPUT
-    from distill.tasks import train_tokenizer
+    from distill.data.records import ALPACA_PROMPT_INPUT
+    from distill.data.embedded import train_tokenizer
 
     text = [ALPACA_PROMPT_INPUT.format(instruction="Add 12 and 30.", input="12 30") + "The answer is 42."] * 20
     return train_tokenizer(text + ["the cat sat on the mat, 160 times\n"] * 20, 300)

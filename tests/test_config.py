@@ -3,7 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from distill.config import CONF_DIR, ConfigError, batch_plan, problems, schedule, validate
+from distill.config import CONF_DIR, batch_plan, check_config, problems, schedule
+from distill.options import ConfigError
 from tests.conftest import compose
 
 
@@ -84,7 +85,7 @@ def test_default_config_only_lacks_a_teacher():
 def test_each_problem_gets_its_own_clear_message(override, message):
     cfg = compose(["experiment=smoke", *override.split()])
     with pytest.raises(ConfigError) as info:
-        validate(cfg)
+        check_config(cfg)
     assert message in str(info.value)
 
 
@@ -138,7 +139,7 @@ def test_trainer_length_and_selection_problems(overrides, message):
 def test_several_problems_are_all_reported():
     cfg = compose(["experiment=smoke", "tau=0", "trainer.zero_stage=9"])
     with pytest.raises(ConfigError) as info:
-        validate(cfg)
+        check_config(cfg)
     assert "tau=0" in str(info.value) and "zero_stage=9" in str(info.value)
 
 

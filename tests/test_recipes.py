@@ -1,4 +1,4 @@
-"""The recipes (conf/recipe/<pair>/<stage>.yaml) compose, and their values are the README's table."""
+"""The recipes (conf/recipe/<pair>/<stage>.yaml) compose, and their values are docs/recipes.md's table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from distill import runs
+from distill.cell import identity as runs
 from distill.config import CONF_DIR, compose
 
 ROOT = CONF_DIR.parent
@@ -17,7 +17,7 @@ SELECTION = {"dev ROUGE-L": "rougeL", "dev loss": "loss"}
 
 
 def _section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "recipes.md").read_text()
     start = text.index(title)
     return text[start:text.index("\n## ", start + 1)]
 
@@ -34,11 +34,11 @@ def _table_rows(text: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-README = _section("## The real study: recipes")
-RECIPE_ROWS = _table_rows(README, "| recipe | stage |")
+RECIPES_PAGE = _section("## The real study: recipes")
+RECIPE_ROWS = _table_rows(RECIPES_PAGE, "| recipe | stage |")
 SHARED = dict(zip(
-    [c.strip() for c in next(ln for ln in README.splitlines() if ln.startswith("| warmup |")).strip("|").split("|")],
-    _table_rows(README, "| warmup |")[0],
+    [c.strip() for c in next(ln for ln in RECIPES_PAGE.splitlines() if ln.startswith("| warmup |")).strip("|").split("|")],
+    _table_rows(RECIPES_PAGE, "| warmup |")[0],
 ))
 
 

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoConfig
 
 from distill import models
-from distill.train import run_cell
+from distill.train.run import run_cell
 from tests.conftest import compose
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "data" / "minillm_layout"
