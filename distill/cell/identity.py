@@ -114,14 +114,32 @@ def _or_none(convert, value):
     return None if value is None else convert(value)
 
 
+def rollout_label(rollout_cfg: Mapping[str, Any] | None) -> str:
+    """A short human label of a rollout config: 'offline', 'on_policy λ=0.5', 'sgo decreasing', 'seq_kd'.
+
+    Sampling settings other than the defaults (T=1, top_p=1, top_k=0) are appended, so two cells whose
+    sequences come from different places never share a label (report rows, W&B tags).
+    """
+    r = dict(rollout_cfg or {"name": "offline"})
+    name = r.get("name", "offline")
+    if name == "on_policy":
+        text = f"on_policy λ={float(r['lmbda']):g}"
+    elif name == "sgo":
+        text = f"sgo {r['replay_ratio']}" + (f" θ0={float(r['init_threshold']):g}" if float(r["init_threshold"]) else "")
+    else:
+        text = str(name)
+    s = r.get("sampling") or {}
+    extra = [f"{k}={s[k]:g}" for k, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0))
+             if k in s and float(s[k]) != default]
+    return " ".join([text, *extra])
+
+
 def cell_identity(cfg: DictConfig | Mapping, sig: str | None) -> dict[str, Any]:
     """The 'cell' block of metrics.json: what a report groups and compares on.
 
     From the job's config, or from a W&B run's config (nested again after W&B's flat keys): the report reads
     cells from either source through this one function. A key the config lacks gives None.
     """
-    from distill.rollouts.rollout import label as rollout_label  # here: rollout imports torch, the report reads cells without
-
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     div, loss = dict(c.get("divergence") or {}), c.get("loss") or {}
     model, kd_ratio = c.get("model") or {}, loss.get("kd_ratio", 1.0)

@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from distill.options import REPLAY_RATIOS, ROLLOUTS
 from distill.data.records import IGNORE_INDEX, left_pad
+from distill.cell.identity import rollout_label
 from distill.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -229,26 +230,6 @@ class MicroBatch:
     example_ids: list[int] | None = None
 
 
-def label(rollout_cfg: Mapping[str, Any] | None) -> str:
-    """A short human label of a rollout config: 'offline', 'on_policy λ=0.5', 'sgo decreasing', 'seq_kd'.
-
-    Sampling settings other than the defaults (T=1, top_p=1, top_k=0) are appended, so two cells whose
-    sequences come from different places never share a label (report rows, W&B tags).
-    """
-    r = dict(rollout_cfg or {"name": "offline"})
-    name = r.get("name", "offline")
-    if name == "on_policy":
-        text = f"on_policy λ={float(r['lmbda']):g}"
-    elif name == "sgo":
-        text = f"sgo {r['replay_ratio']}" + (f" θ0={float(r['init_threshold']):g}" if float(r["init_threshold"]) else "")
-    else:
-        text = str(name)
-    s = r.get("sampling") or {}
-    extra = [f"{k}={s[k]:g}" for k, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0))
-             if k in s and float(s[k]) != default]
-    return " ".join([text, *extra])
-
-
 class Rollout:
     """Supplies a training step's micro-batches and carries what must survive across steps.
 
@@ -335,7 +316,7 @@ class Rollout:
 
     def summary(self) -> dict[str, Any]:
         """What the cell reports: micro-batches per source, generated tokens, SGO threshold and buffer size."""
-        out: dict[str, Any] = {"name": self.name, "label": label(self.cfg),
+        out: dict[str, Any] = {"name": self.name, "label": rollout_label(self.cfg),
                                "micro_batches": {s: int(self.counts[s]) for s in SOURCES},
                                "generated_tokens": int(self.generated_tokens)}
         if self.name == "sgo":

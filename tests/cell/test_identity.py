@@ -1,15 +1,17 @@
-import json
-import os
+"""distill/cell/identity.py: a cell's signature, name and run dir, and the labels the report groups on."""
+
 import re
 
 import pytest
 from omegaconf import OmegaConf
 
 from distill.cell import identity as runs
+from distill.cell.identity import rollout_label
 from distill.cell.results import METRICS_FILE, is_completed, read_metrics, write_metrics
 from distill.files import atomic_write_json
-from distill.secrets import is_secret_key, is_secret_value, redact, secret_keys
 from tests.conftest import compose
+
+SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": None, "no_repeat_ngram_size": 0}
 
 
 def test_signature_ignores_logging_paths_and_launcher_but_not_results():
@@ -70,20 +72,6 @@ def test_run_dir_is_derived_from_the_config_not_the_clock(tmp_path):
     assert d.name == f"fkl-tau2-toy-2x64-s0-{runs.signature(cfg)}"
 
 
-def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "metrics.json"
-    atomic_write_json(target, {"status": "running"})
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        atomic_write_json(target, {"status": "completed"})
-    assert json.loads(target.read_text()) == {"status": "running"}
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
-
-
 def test_is_completed(tmp_path):
     assert not is_completed(tmp_path)
     atomic_write_json(tmp_path / METRICS_FILE, {"status": "failed"})
@@ -92,12 +80,6 @@ def test_is_completed(tmp_path):
     assert is_completed(tmp_path)
     (tmp_path / METRICS_FILE).write_text("{half")
     assert read_metrics(tmp_path) is None
-
-
-def test_redact_drops_secrets_recursively():
-    data = {"logger": {"api_key": "x", "project": "p"}, "model": {"hub_token": "t", "path": "gpt2"},
-            "list": [{"password": 1, "ok": 2}]}
-    assert redact(data) == {"logger": {"project": "p"}, "model": {"path": "gpt2"}, "list": [{"ok": 2}]}
 
 
 def test_float_fields_make_tau_and_ratios_floats_but_leave_flags_alone():
@@ -111,26 +93,6 @@ def test_float_fields_make_tau_and_ratios_floats_but_leave_flags_alone():
 def test_result_config_resolves_interpolations():
     cfg = OmegaConf.create({"x": 1, "y": "${x}", "paths": {"root": "/r"}, "logger": {"name": "none"}})
     assert runs.result_config(cfg) == {"x": 1, "y": 1}
-
-
-def test_secret_keys_are_told_from_token_counts_and_tokenizers():
-    secrets = ["hf_token", "logger.api_key", "+logger.api_key", "apiKey", "model.hub_token", "db_password",
-               "aws_secret_access_key", "secret_key", "access_token", "WANDB_API_KEY", "client_secret"]
-    fine = ["max_new_tokens", "model.tokenizer", "data.tokenizer_vocab_size", "pad_token", "eos_token",
-            "train/tokens", "key", "teacher_cache_topk", "tokens_per_s", "monkey"]
-    assert [k for k in secrets if not is_secret_key(k)] == []
-    assert [k for k in fine if is_secret_key(k)] == []
-    assert is_secret_value("hf_" + "a1B2" * 9) and not is_secret_value("hf_short")
-
-
-def test_redact_keeps_the_configs_own_token_keys(smoke_cfg):
-    data = OmegaConf.to_container(smoke_cfg(), resolve=True)
-    assert redact(data) == data  # max_new_tokens, tokenizer, tokenizer_vocab_size all stay
-    assert secret_keys(data) == []
-    data["model"]["hub_token"] = "x"
-    data["data"]["note"] = "hf_" + "Z" * 34
-    assert sorted(secret_keys(data)) == ["data.note", "model.hub_token"]
-    assert "hub_token" not in redact(data)["model"] and "note" not in redact(data)["data"]
 
 
 def test_unusable_metrics_count_as_unfinished(tmp_path, caplog):
@@ -157,3 +119,11 @@ def test_inputs_join_the_signature_by_content_only():
     assert runs.signature(cfg, inputs=a) == runs.signature(cfg, inputs=moved) != runs.signature(cfg)
     assert runs.signature(cfg, inputs=edited) != runs.signature(cfg, inputs=a)
     assert runs.run_dir(cfg, inputs=a).name.endswith(runs.signature(cfg, inputs=a))
+
+
+def test_labels_tell_rollouts_apart():
+    assert rollout_label(None) == "offline" == rollout_label({"name": "offline"})
+    assert rollout_label({"name": "on_policy", "lmbda": 0.5, "sampling": SAMPLING}) == "on_policy λ=0.5"
+    assert rollout_label({"name": "sgo", "replay_ratio": "decreasing", "init_threshold": 0.0}) == "sgo decreasing"
+    assert rollout_label({"name": "on_policy", "lmbda": 1, "sampling": {**SAMPLING, "temperature": 0.7}}) == \
+        "on_policy λ=1 temperature=0.7"

@@ -313,12 +313,6 @@ def test_sgo_fills_its_buffer_then_replays_and_resumes_exactly(tok, tmp_path):
     assert resumed.summary() == straight.summary()
 
 
-def test_labels_tell_rollouts_apart():
-    assert ro.label(None) == "offline" == ro.label({"name": "offline"})
-    assert ro.label({"name": "on_policy", "lmbda": 0.5, "sampling": SAMPLING}) == "on_policy λ=0.5"
-    assert ro.label({"name": "sgo", "replay_ratio": "decreasing", "init_threshold": 0.0}) == "sgo decreasing"
-    assert ro.label({"name": "on_policy", "lmbda": 1, "sampling": {**SAMPLING, "temperature": 0.7}}) == \
-        "on_policy λ=1 temperature=0.7"
 
 
 # ---------------------------------------------------------------------------------------------- seq-KD cache
