@@ -108,7 +108,7 @@ def time_steps(cells: dict, rounds: int, warmup: int) -> dict[str, dict[str, lis
 def time_generation(student: torch.nn.Module, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_length: int,
                     rounds: int) -> dict[str, dict[str, list[float]]]:
     """Part 2: tokens/s of the rollout's sampler vs no KV cache vs one prompt at a time (same seed each time)."""
-    from distill.rollouts.rollout import sample_examples
+    from distill.rollouts.sampling import sample_examples
 
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": None, "no_repeat_ngram_size": 0}
     original = student.generate

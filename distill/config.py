@@ -8,6 +8,7 @@ loss core itself (one source of truth).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from distill.options import (CACHE_SETTINGS, DIVERGENCES, EPOCH, LOSS_IMPLS, ON_CHANGE, PRECISIONS, REPLAY_RATIOS,
                              ROLLOUTS, SELECTIONS, TAU_TARGETS, ZERO_STAGES, ConfigError)
 from distill.losses.divergences import divergence_per_token
+from distill.files import looks_local
 from distill.secrets import secret_keys
 
 # conf/ sits next to the package (editable install): an absolute path works however the app is started.
@@ -35,9 +37,11 @@ def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False)
         return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def _looks_local(path: str) -> bool:
-    # A hub id ("gpt2", "Qwen/Qwen2.5-7B") is not a filesystem path; these prefixes are.
-    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+def plain(cfg: Any) -> dict:
+    """A config (DictConfig or mapping) as plain, resolved dicts and lists."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return json.loads(json.dumps(dict(cfg), default=str))
 
 
 def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
@@ -93,7 +97,7 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     m = cfg.model
     for role in ("student", "teacher"):
         path = m[role].get("path")
-        if path and _looks_local(str(path)) and not Path(str(path)).expanduser().exists():
+        if path and looks_local(str(path)) and not Path(str(path)).expanduser().exists():
             out.append(f"model.{role}.path={path}: no such directory (train it first, or point at a HF model dir)")
     if float(loss.kd_ratio) > 0 and not m.teacher.get("path") and not m.teacher.get("allow_random", False):
         out.append(
@@ -109,8 +113,6 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
 
 def _reliability_problems(cfg: DictConfig) -> list[str]:
     """Secrets in the config, and the input-change and cell-lock settings."""
-    from omegaconf import OmegaConf
-
     out = [f"{key}: looks like a secret: pass secrets in the environment (HF_TOKEN, WANDB_API_KEY, ...), never in "
            "a config: configs are written to disk and to W&B"
            for key in secret_keys(OmegaConf.to_container(cfg, resolve=False))]

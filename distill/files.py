@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (the report, a resumed cell, a second host) never sees half a file or dir."""
+"""Atomic file writes (a reader: the report, a resumed cell, a second host, never sees half a file or dir), and
+telling a local path from a hub id."""
 
 from __future__ import annotations
 
@@ -50,3 +51,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def looks_local(path: str) -> bool:
+    """Is `path` a filesystem path rather than a hub id ("gpt2", "Qwen/Qwen2.5-7B")? Its prefix says so, or it
+    exists (`~` expanded)."""
+    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()

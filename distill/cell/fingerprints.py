@@ -1,94 +1,35 @@
 """Results follow content: fingerprints of every input file a cell's result depends on.
 
-A cell's identity (distill.runs.signature) hashes its config; a config names files by path, and a path
+A cell's identity (distill.cell.identity.signature) hashes its config; a config names files by path, and a path
 says nothing about what the file holds today. So every input file (data files, the embedded suite, the
 teacher's and the student's weights, the tokenizer) is fingerprinted by content, the sha256 of its bytes,
 and the digests join the identity: edit a data file or retrain a teacher into the same dir, and the cell
 is a new cell. Each fingerprint is recorded in metrics.json (`inputs`: path, size, mtime, sha256).
 
-Hashing a 15 GB teacher for every cell would not be cheap, so digests are cached per file under
-`<paths.cache_dir>/fingerprints.json`, keyed by the file's path, size, mtime, ctime and inode: an
-unchanged file is read once. (ctime cannot be set back by a user, so restoring an edited file's mtime
-does not fool the cache.) A hub id (`gpt2`) is fingerprinted through its local HF cache snapshot, if any.
+Hashing a 15 GB teacher for every cell would not be cheap, so digests are memoised per file under
+`<paths.cache_dir>/fingerprints.json` (distill.cell.hashing.DigestCache): an unchanged file is read once.
+A hub id (`gpt2`) is fingerprinted through its local HF cache snapshot, if any.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import datetime as _dt
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill.cell.hashing import DigestCache, files_digest
+from distill.cell.identity import run_dir
+from distill.config import plain
+from distill.data.embedded import prepare_embedded
+from distill.files import looks_local
 from distill.options import InputError
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = "fingerprints.json"
-
-
-def _plain(cfg: Any) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return json.loads(json.dumps(dict(cfg), default=str))
-
-
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-
-
-class DigestCache:
-    """sha256 of files, memoised on disk by (path, size, mtime, ctime, inode)."""
-
-    def __init__(self, cache_dir: str | os.PathLike | None) -> None:
-        self.path = Path(cache_dir) / CACHE_FILE if cache_dir else None
-        self.entries: dict[str, str] = {}
-        self.dirty = False
-        if self.path is not None and self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-                self.entries = {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-            except (ValueError, OSError):
-                log.warning("fingerprint cache %s is unreadable: rebuilding it", self.path)
-
-    def sha256(self, path: Path) -> str:
-        key = _stat_key(path)
-        if key not in self.entries:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            self.entries[key] = h.hexdigest()
-            self.dirty = True
-        return self.entries[key]
-
-    def save(self) -> None:
-        """Merge our entries into the file under a lock (cells of a grid share it), atomically."""
-        if self.path is None or not self.dirty:
-            return
-        from filelock import FileLock
-
-        from distill.files import atomic_write_json
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(self.path) + ".lock", timeout=60):
-                merged = DigestCache(self.path.parent).entries
-                merged.update(self.entries)
-                atomic_write_json(self.path, merged)
-            self.dirty = False
-        except OSError as exc:  # a cache that cannot be written costs time, never a result
-            log.warning("fingerprint cache %s not written: %s", self.path, exc)
-
-
 def fingerprint_path(path: str | os.PathLike, cache: DigestCache) -> dict[str, Any]:
     """{path, files, size, mtime, sha256} of a file, or of a dir (every regular file below it, hidden ones aside)."""
-    import datetime as _dt
-
     p = Path(path).expanduser()
     if p.is_file():
         files = [p]
@@ -97,13 +38,7 @@ def fingerprint_path(path: str | os.PathLike, cache: DigestCache) -> dict[str, A
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
     else:
         raise InputError(f"{p}: no such file or directory")
-    if p.is_file():
-        digest = cache.sha256(p)
-    else:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f.relative_to(p).as_posix()}\0{cache.sha256(f)}\n".encode())
-        digest = h.hexdigest()
+    digest = cache.sha256(p) if p.is_file() else files_digest(files, p, cache)
     stats = [f.stat() for f in files]
     mtime = max((s.st_mtime for s in stats), default=0.0)
     return {"path": str(p.resolve()), "files": len(files), "size": sum(s.st_size for s in stats),
@@ -121,13 +56,9 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or Path(path).expanduser().exists()
-
-
 def fingerprint_ref(ref: str, cache: DigestCache) -> dict[str, Any]:
     """Fingerprint a local path, or a hub id through its cached snapshot (sha256 None when not cached)."""
-    if _looks_local(ref):
+    if looks_local(ref):
         return fingerprint_path(ref, cache)
     snap = _hub_snapshot(ref)
     if snap is None:
@@ -137,7 +68,7 @@ def fingerprint_ref(ref: str, cache: DigestCache) -> dict[str, Any]:
 
 def input_refs(cfg: Any) -> dict[str, str]:
     """role -> path (or hub id) of every input the cell's result depends on, except the embedded suite."""
-    c = _plain(cfg)
+    c = plain(cfg)
     data, model, loss = c.get("data", {}), c.get("model", {}), c.get("loss", {})
     refs: dict[str, str] = {}
     if data.get("kind") == "jsonl":
@@ -159,7 +90,7 @@ def input_refs(cfg: Any) -> dict[str, str]:
 
 def fingerprints(cfg: Any, embedded_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """role -> fingerprint of every input of `cfg` (+ the embedded suite's dir when given), cached by stat."""
-    c = _plain(cfg)
+    c = plain(cfg)
     cache = DigestCache(c.get("paths", {}).get("cache_dir"))
     out: dict[str, dict[str, Any]] = {}
     if embedded_dir is not None:
@@ -195,11 +126,9 @@ def changes(old: Mapping[str, Mapping[str, Any]], new: Mapping[str, Mapping[str,
 def embedded_dir(cfg: Any) -> Path | None:
     """The embedded suite's dir (generated once, under a lock) when `cfg` uses it: its files are the cell's
     data and tokenizer, so they are fingerprinted like any data file."""
-    c = _plain(cfg)
+    c = plain(cfg)
     if c.get("data", {}).get("kind") != "embedded":
         return None
-    from distill.data.embedded import prepare_embedded
-
     data_dir = c.get("paths", {}).get("data_dir")
     try:
         return prepare_embedded(c["data"], Path(data_dir))
@@ -210,7 +139,5 @@ def embedded_dir(cfg: Any) -> Path | None:
 
 def locate(cfg: Any) -> tuple[Path, dict[str, dict[str, Any]]]:
     """The run dir `distill-train` gives `cfg`, and the input fingerprints it is named by."""
-    from distill.cell.identity import run_dir
-
     fps = fingerprints(cfg, embedded_dir(cfg))
     return run_dir(cfg, inputs=fps), fps

@@ -7,13 +7,14 @@ clock, so a re-submitted or re-run sweep finds its finished cells (skip) and its
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+from distill.cell.hashing import short_hash
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def signature(cfg: DictConfig | Mapping, length: int = 8, inputs: Mapping[str, A
         data = {"config": data, "inputs": {k: (v.get("sha256") if isinstance(v, Mapping) else v)
                                            for k, v in sorted(inputs.items())}}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:length]
+    return short_hash(blob, length)
 
 
 def _or_none(convert, value):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.config import plain
 from distill.options import LONG_PROMPT_POLICIES
 from distill.data.records import Record, load_hub_records, read_records, read_records_with_stats, render_prompt
 from distill.data.embedded import SPLITS, prepare_embedded
@@ -43,15 +44,6 @@ class DataSplits:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def _plain(cfg: Any) -> dict[str, Any]:
-    """DictConfig or Mapping -> plain dict (resolved)."""
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
 def _key(r: Record) -> tuple[str, str]:
     return (r.instruction.strip(), r.input.strip())
 
@@ -75,7 +67,7 @@ def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSpli
     truncated at encode time (``long_prompts=truncate``), or dropped from train and valid
     (``long_prompts=drop``, MiniLLM's rule; needs the tokenizer).
     """
-    cfg = _plain(data_cfg)
+    cfg = plain(data_cfg)
     kind = cfg.get("kind")
     stats: Counter = Counter()
     tokenizer_dir = None

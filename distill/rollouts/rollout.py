@@ -24,105 +24,28 @@ example), so the live teacher scores generated micro-batches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distill.options import REPLAY_RATIOS, ROLLOUTS
-from distill.data.records import IGNORE_INDEX, left_pad
 from distill.cell.identity import rollout_label
 from distill.files import atomic_path
+from distill.rollouts.sampling import coin, derived_seed, prompt_of, sample_examples
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("offline", "generated", "replayed")
 SGO_THRESHOLD_STEP = 0.1  # DistiLLM finetune.py: `adaptive_threshold += 0.1`, capped at 1.0
 STATE_FORMAT = 1
-SEQ_KD_FORMAT = "1"
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "no_repeat_ngram_size")
-
-
-# ------------------------------------------------------------------------------------------ seeds
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed that is a pure function of `parts` (e.g. purpose, training seed, step, micro, rank)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
-
-
-def coin(*parts: Any) -> float:
-    """A uniform draw in [0, 1) that depends on `parts` only."""
-    return random.Random(derived_seed(*parts)).random()
-
-
-# ------------------------------------------------------------------------------------------ sampling
-
-def response_example(prompt: Sequence[int], new_tokens: Sequence[int], *, eos_id: int,
-                     max_length: int) -> dict[str, Any]:
-    """A generated response as a training example (the shape of `data.encode_example`'s).
-
-    The response is cut right after its first EOS (kept: the model must learn to stop, and it is counted
-    once; everything after it, HF's padding included, is dropped), then capped so that prompt + response
-    fits `max_length`. Labels are -100 on the prompt and equal the tokens on the response.
-    """
-    response = [int(t) for t in new_tokens]
-    if eos_id in response:
-        response = response[: response.index(eos_id) + 1]
-    response = response[: max(0, max_length - len(prompt))]
-    return {"input_ids": [int(t) for t in prompt] + response,
-            "labels": [IGNORE_INDEX] * len(prompt) + response, "prompt_length": len(prompt)}
-
-
-def sample_examples(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, sampling: Mapping[str, Any],
-                    seed: int, pad_id: int, eos_id: int, max_length: int, batch_size: int | None = None,
-                    synced_gpus: bool = False, progress: bool = False) -> list[dict[str, Any]]:
-    """Sample one response per prompt (token ids) from `model` and return them as training examples.
-
-    Batched, left-padded, KV-cached generation that stops once every row has emitted EOS
-    (`distill.evaluate.sample_new_tokens`), seeded by `seed` without touching the caller's RNG. Each
-    batch may add `sampling.max_new_tokens` tokens, or when null `max_length - padded prompt length`.
-    `sampling.temperature` is the SAMPLING temperature, not the loss's tau. `synced_gpus` must be set
-    when the model's forwards are collective (ZeRO-3 with more than one rank).
-    """
-    from distill.evaluation.generate import sample_new_tokens, seeded
-
-    if not prompts:
-        raise ValueError("sample_examples got no prompts")
-    batch_size = batch_size or len(prompts)
-    device = next(model.parameters()).device
-    out: list[dict[str, Any]] = []
-    starts: Iterable[int] = range(0, len(prompts), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="sample", unit="batch")
-    with seeded(seed, device):
-        for start in starts:
-            chunk = prompts[start:start + batch_size]
-            enc = left_pad(chunk, pad_id)
-            n_new = sampling.get("max_new_tokens") or max(1, max_length - enc["input_ids"].shape[1])
-            new = sample_new_tokens(
-                model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens=int(n_new),
-                eos_token_id=eos_id, pad_token_id=pad_id, do_sample=True, top_k=int(sampling.get("top_k", 0)),
-                top_p=float(sampling.get("top_p", 1.0)), temperature=float(sampling.get("temperature", 1.0)),
-                no_repeat_ngram_size=int(sampling.get("no_repeat_ngram_size") or 0), synced_gpus=synced_gpus,
-            )
-            out.extend(response_example(p, row, eos_id=eos_id, max_length=max_length)
-                       for p, row in zip(chunk, new.tolist()))
-    return out
-
-
-def prompt_of(example: Mapping[str, Any]) -> list[int]:
-    """The prompt tokens of an encoded example."""
-    return list(example["input_ids"][: example["prompt_length"]])
 
 
 # ------------------------------------------------------------------------------------------ SGO (DistiLLM)
@@ -375,52 +298,3 @@ class Rollout:
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         self.load_state_dict(tensors, meta)
-
-
-# ------------------------------------------------------------------------------------------ seq-KD
-
-def seq_kd_key(teacher_path: str | Path, examples: Sequence[dict[str, Any]], cfg: Mapping[str, Any], *,
-               max_length: int, eos_id: int, pad_id: int) -> str:
-    """Signature of everything the teacher's cached responses depend on."""
-    from distill.teachers.cache import examples_fingerprint, teacher_fingerprint
-
-    knobs = {"sampling": {k: (cfg.get("sampling") or {}).get(k) for k in SAMPLING_KEYS}, "seed": cfg.get("seed"),
-             "batch_size": cfg.get("batch_size"), "max_length": max_length, "eos": eos_id, "pad": pad_id}
-    blob = "|".join([SEQ_KD_FORMAT, teacher_fingerprint(teacher_path), examples_fingerprint(examples),
-                     json.dumps(knobs, sort_keys=True)])
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def seq_kd_examples(cache_dir: Path, teacher_path: str | Path, examples: Sequence[dict[str, Any]],
-                    cfg: Mapping[str, Any], *, load_teacher: Callable[[], torch.nn.Module], pad_id: int, eos_id: int,
-                    max_length: int, progress: bool = False) -> list[dict[str, Any]]:
-    """The training set with each reference replaced by one teacher sample for the same prompt.
-
-    Sampled once per (teacher, training set, sampling settings, seed) into
-    `<cache_dir>/seqkd-<key>.safetensors`, under a file lock (cells that start together wait for the
-    first), written atomically; every cell of a grid reads the same file. `load_teacher` is called only
-    when the file must be computed.
-    """
-    from distill.teachers.cache import build_once
-
-    key = seq_kd_key(teacher_path, examples, cfg, max_length=max_length, eos_id=eos_id, pad_id=pad_id)
-    prompts = [prompt_of(e) for e in examples]
-
-    def compute() -> dict[str, torch.Tensor]:
-        teacher = load_teacher()
-        made = sample_examples(teacher, prompts, sampling=cfg["sampling"], seed=int(cfg["seed"]), pad_id=pad_id,
-                               eos_id=eos_id, max_length=max_length, batch_size=int(cfg["batch_size"]),
-                               progress=progress)
-        responses = [e["input_ids"][e["prompt_length"]:] for e in made]
-        return {"tokens": torch.tensor([t for r in responses for t in r], dtype=torch.int64),
-                "lengths": torch.tensor([len(r) for r in responses], dtype=torch.int64)}
-
-    tensors = build_once(Path(cache_dir) / f"seqkd-{key}.safetensors", compute, {"key": key})
-    lengths = tensors["lengths"].tolist()
-    if len(lengths) != len(examples):
-        raise ValueError(f"seq-KD cache {key} holds {len(lengths)} responses, expected {len(examples)}")
-    tokens, out, start = tensors["tokens"].tolist(), [], 0
-    for prompt, n in zip(prompts, lengths):
-        out.append(response_example(prompt, tokens[start:start + n], eos_id=eos_id, max_length=max_length))
-        start += n
-    return out

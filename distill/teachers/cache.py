@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import datetime as _dt
-import hashlib
 import json
 import logging
 from contextlib import ExitStack
@@ -46,9 +45,11 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from distill.options import CACHE_KINDS, CACHE_SETTINGS
+from distill.cell.hashing import DigestCache, files_digest, short_hash, token_digest
+from distill.data.records import collate_train, response_mask
 from distill.files import atomic_path, atomic_write_json
-from distill.data.records import response_mask
+from distill.models import final_hidden, output_head, param_shape
+from distill.options import CACHE_KINDS, CACHE_SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,7 @@ def resolve_kind(setting: Any, *, hidden_size: int, vocab_size: int, dtype: torc
 # --------------------------------------------------------------------------------------------- fingerprints
 def examples_fingerprint(examples: Sequence[dict]) -> str:
     """Hash of the encoded (input_ids, labels) sequences: what the teacher is run on."""
-    h = hashlib.sha1()
-    for ex in examples:
-        h.update(torch.tensor(ex["input_ids"], dtype=torch.int64).numpy().tobytes())
-        h.update(torch.tensor(ex["labels"], dtype=torch.int64).numpy().tobytes())
-        h.update(b"|")
-    return h.hexdigest()
+    return token_digest((ex["input_ids"], ex["labels"]) for ex in examples)
 
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
@@ -112,7 +108,7 @@ def _model_dir(teacher_path: str | Path) -> Path:
     if path.is_dir():
         return path
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # only for a hub id
 
         return Path(snapshot_download(str(teacher_path), local_files_only=True))
     except Exception as exc:  # not a directory, not in the local hub cache
@@ -120,26 +116,26 @@ def _model_dir(teacher_path: str | Path) -> Path:
                          f"directory nor a hub id in the local cache): {exc}") from exc
 
 
-def teacher_fingerprint(teacher_path: str | Path) -> str:
-    """Hash of the teacher's weights and config by content (a retrained or re-downloaded teacher differs;
-    a copy of the same weights elsewhere matches)."""
+def teacher_fingerprint(teacher_path: str | Path, cache_dir: str | Path | None = None) -> str:
+    """Hash of the teacher's weights and config by content (a retrained or re-downloaded teacher differs; a copy of
+    the same weights elsewhere matches). The file digests are the cell's input fingerprints' (memoised under
+    `cache_dir`), so the weights are read once for both."""
     directory = _model_dir(teacher_path)
     files = sorted({f for pattern in _WEIGHT_PATTERNS for f in directory.glob(pattern) if f.is_file()})
     if not any(f.name != "config.json" for f in files):
         raise ValueError(f"teacher cache: no weight files (*.safetensors, *.bin) in {directory}")
-    h = hashlib.blake2b(digest_size=20)
-    for f in files:
-        with open(f, "rb") as fh:
-            h.update(f"{f.name}:{hashlib.file_digest(fh, 'blake2b').hexdigest()}|".encode())
-    return h.hexdigest()
+    digests = DigestCache(cache_dir)
+    digest = files_digest(files, directory, digests)
+    digests.save()
+    return digest
 
 
 def cache_key(teacher_path: str | Path, examples: Sequence[dict], dtype: torch.dtype, kind: str,
-              topk: int | None = None) -> str:
+              topk: int | None = None, cache_dir: str | Path | None = None) -> str:
     """Signature of everything the cached values depend on: teacher weights, encoded data, dtype and form."""
-    blob = "|".join([FORMAT_VERSION, teacher_fingerprint(teacher_path), examples_fingerprint(examples),
-                     str(dtype), kind, str(topk if kind == "topk" else None)])
-    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+    return short_hash("|".join([FORMAT_VERSION, teacher_fingerprint(teacher_path, cache_dir),
+                                examples_fingerprint(examples), str(dtype), kind,
+                                str(topk if kind == "topk" else None)]), 16)
 
 
 # --------------------------------------------------------------------------------------------- computing
@@ -159,8 +155,6 @@ def is_partitioned(model: torch.nn.Module) -> bool:
 def _batch_values(teacher: torch.nn.Module, batch: dict, kind: str, topk: int | None,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """One batch's cached values at its response positions (row order = example order)."""
-    from distill.models import final_hidden
-
     ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     mask = response_positions(batch["labels"]).to(device)
     if kind == "hidden":
@@ -199,8 +193,6 @@ def compute(teacher: torch.nn.Module, examples: Sequence[dict], *, pad_id: int, 
 def _compute_batches(teacher, batches: list[Sequence[dict]], *, pad_id: int, kind: str, topk: int | None,
                      device: torch.device, progress: bool, forwards: int) -> list[dict[str, torch.Tensor]]:
     """Values of each batch, then dummy forwards up to `forwards` in all (equal collective calls per rank)."""
-    from distill.data.records import collate_train
-
     teacher.eval()
     steps: Iterable[int] = range(forwards)
     if progress:
@@ -336,8 +328,6 @@ class TeacherCache:
         teacher's forwards are collective, so every rank makes the same number of them. Shards left by an
         interrupted build are reused.
         """
-        from distill.models import output_head, param_shape
-
         if kind not in CACHE_KINDS:
             raise ValueError(f"unknown teacher cache form {kind!r}; allowed: {', '.join(CACHE_KINDS)}")
         vocab, hidden = (int(x) for x in param_shape(output_head(teacher).weight))
@@ -348,7 +338,7 @@ class TeacherCache:
         # others wait for its word); the default group's short timeout stays for everything else.
         wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world > 1 else None
         # The key hashes the teacher's weight files: read them once (rank 0), not once per rank.
-        key = cache_key(teacher_path, examples, dtype, kind, topk) if rank == 0 else ""
+        key = cache_key(teacher_path, examples, dtype, kind, topk, cache_dir) if rank == 0 else ""
         if world > 1:
             key = _broadcast_str(key, wait_group)
         cache_dir = Path(cache_dir)

@@ -50,11 +50,13 @@ from distill.evaluation import generate as evaluate
 from distill.cell import lock as locks
 from distill.cell import preemption as preempt
 from distill.cell import identity as runs
-from distill.cell.results import METRICS_FILE, SCHEMA_VERSION, is_completed, now_iso, read_metrics, write_metrics
+from distill.cell.results import (METRICS_FILE, SCHEMA_VERSION, is_completed, now_iso, read_generations, read_metrics,
+                                  write_metrics)
 from distill.files import atomic_write_json, atomic_write_text
 from distill.secrets import redact
 from distill.cell import fingerprints as inputs_mod
 from distill.rollouts import rollout as rollout_mod
+from distill.rollouts.seq_kd import seq_kd_examples
 from distill.losses.chunked import fused_distillation_loss, loss_fn_for
 from distill.config import Schedule, check_config
 from distill.options import CellBusy, ConfigError, InputError, LockLost
@@ -527,7 +529,7 @@ def _build_models(cfg: DictConfig, tokenizer, train_ex: list[dict], *, device: t
             model = models.build_model(cfg.model, "teacher", tokenizer, dtype, max_len, seed=int(cfg.seed) + 1)
             return model.requires_grad_(False).eval().to(device)
 
-        train_ex = rollout_mod.seq_kd_examples(
+        train_ex = seq_kd_examples(
             Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
             load_teacher=lambda: teacher if teacher is not None else load_teacher(), pad_id=tokenizer.pad_token_id,
             eos_id=tokenizer.eos_token_id, max_length=max_len, progress=rank == 0 and bool(tcfg.progress),
@@ -913,7 +915,7 @@ def _evaluate_and_record(cell: Cell, student_dir: Path) -> None:
     m["eval_examples_per_s"] = round(generated / max(time.time() - t0, 1e-9), 2)  # batched generation throughput
     _end_attempt(m, "completed")
     m.update(status="completed", updated_at=now_iso())
-    gens = {b: evaluate.read_generations(cell.run_dir / "generations", b) for b in m["eval"]}
+    gens = {b: read_generations(cell.run_dir / "generations", b) for b in m["eval"]}
     cell.tracker.log_final({**{f"valid/{k}": v for k, v in m["valid"].items()}, **tracking.eval_metrics(m["eval"])},
                            step=max_steps, tau=float(cfg.tau), generations=gens)
     cell.tracker.summary({f"train/{k}": v for k, v in m["train"].items() if isinstance(v, (int, float))})

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from distill.train import engine as eng
 from distill.cell import fingerprints as inputs
+from distill.cell.hashing import DigestCache
 from distill.cell import lock as locks
 from distill.cell.results import METRICS_FILE, read_metrics
 from distill.files import atomic_write_json
@@ -258,7 +259,7 @@ def jsonl_cfg(smoke_cfg, tmp_path, data_root):
 def test_an_edited_data_file_makes_a_new_cell_or_one_line(jsonl_cfg, monkeypatch):
     make, train = jsonl_cfg
     first = run_cell(make())
-    assert first["inputs"]["data.train_file"]["sha256"] == inputs.fingerprint_path(train, inputs.DigestCache(None))["sha256"]
+    assert first["inputs"]["data.train_file"]["sha256"] == inputs.fingerprint_path(train, DigestCache(None))["sha256"]
     # An edit that keeps the size and puts the mtime back: only the content says it changed.
     st = train.stat()
     train.write_text(train.read_text().replace("a", "e", 1))

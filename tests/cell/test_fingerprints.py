@@ -1,4 +1,4 @@
-"""distill/inputs.py: content fingerprints of a cell's input files, cached by stat, in the identity."""
+"""distill/cell/fingerprints.py: content fingerprints of a cell's input files, memoised by stat, in the identity."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import pytest
 
 from distill.cell import fingerprints as inputs
+from distill.cell.hashing import CACHE_FILE, DigestCache
 from distill.cell import identity as runs
 from distill.options import InputError
 from tests.conftest import compose
@@ -51,7 +52,7 @@ def test_digests_are_cached_by_stat(tmp_path, monkeypatch):
     train = _jsonl(tmp_path / "train.jsonl")
     cfg = _cfg(tmp_path, train)
     inputs.fingerprints(cfg)
-    assert (tmp_path / "cache" / inputs.CACHE_FILE).exists()
+    assert (tmp_path / "cache" / CACHE_FILE).exists()
     reads = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda p, *a, **k: reads.append(str(p)) or real_open(p, *a, **k))
@@ -66,7 +67,7 @@ def test_a_model_dir_is_fingerprinted_file_by_file(tmp_path):
     (model / "model.safetensors").write_bytes(b"\0" * 64)
     (model / ".cache").mkdir()
     (model / ".cache" / "junk").write_text("ignored")
-    cache = inputs.DigestCache(None)
+    cache = DigestCache(None)
     fp = inputs.fingerprint_path(model, cache)
     assert fp["files"] == 2 and fp["size"] == 66
     time.sleep(0.01)

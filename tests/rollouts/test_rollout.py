@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from distill.rollouts import rollout as ro
+from distill.rollouts import sampling, seq_kd
 from distill.data.records import IGNORE_INDEX, Record, encode_example
 from tests.conftest import compose
 
@@ -24,21 +25,21 @@ SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": None
 # ---------------------------------------------------------------------------------------------- masking
 
 def test_response_is_cut_after_its_first_eos_which_is_labelled_once():
-    ex = ro.response_example([1, 2, 3], [4, 5, EOS, 9, EOS, PAD], eos_id=EOS, max_length=50)
+    ex = sampling.response_example([1, 2, 3], [4, 5, EOS, 9, EOS, PAD], eos_id=EOS, max_length=50)
     assert ex["input_ids"] == [1, 2, 3, 4, 5, EOS]
     assert ex["labels"] == [IGNORE_INDEX] * 3 + [4, 5, EOS]
     assert ex["prompt_length"] == 3
 
 
 def test_response_without_eos_keeps_every_token_and_is_capped_at_max_length():
-    assert ro.response_example([1, 2], [4, 5, 6], eos_id=EOS, max_length=50)["labels"] == [IGNORE_INDEX] * 2 + [4, 5, 6]
-    capped = ro.response_example([1, 2], [4, 5, 6, EOS], eos_id=EOS, max_length=4)
+    assert sampling.response_example([1, 2], [4, 5, 6], eos_id=EOS, max_length=50)["labels"] == [IGNORE_INDEX] * 2 + [4, 5, 6]
+    capped = sampling.response_example([1, 2], [4, 5, 6, EOS], eos_id=EOS, max_length=4)
     assert capped["input_ids"] == [1, 2, 4, 5] and capped["labels"] == [IGNORE_INDEX, IGNORE_INDEX, 4, 5]
 
 
 def test_pad_equal_to_eos_still_labels_one_eos():
     # GPT-2 style: HF pads finished rows with EOS itself
-    ex = ro.response_example([1], [4, EOS, EOS, EOS], eos_id=EOS, max_length=50)
+    ex = sampling.response_example([1], [4, EOS, EOS, EOS], eos_id=EOS, max_length=50)
     assert ex["labels"] == [IGNORE_INDEX, 4, EOS]
 
 
@@ -46,8 +47,8 @@ def test_generated_examples_collate_to_the_response_mask_of_references(tiny_toke
     from distill.data.records import collate_train
 
     eos = tiny_tokenizer.eos_token_id
-    gen = [ro.response_example([5, 6, 7], [8, eos], eos_id=eos, max_length=20),
-           ro.response_example([5], [8, 9, 10, 11], eos_id=eos, max_length=20)]
+    gen = [sampling.response_example([5, 6, 7], [8, eos], eos_id=eos, max_length=20),
+           sampling.response_example([5], [8, 9, 10, 11], eos_id=eos, max_length=20)]
     batch = collate_train(gen, tiny_tokenizer.pad_token_id)
     scored = batch["labels"][:, 1:] != IGNORE_INDEX
     # row 0: positions 2, 3 predict 8 and EOS; row 1: positions 0..3 predict 8..11; nothing else
@@ -82,7 +83,7 @@ def prompts_of(tok, n=6):
 
 
 def _sample(model, tok, prompts, seed=0, **kw):
-    return ro.sample_examples(model, prompts, sampling={**SAMPLING, **kw.pop("sampling", {})}, seed=seed,
+    return sampling.sample_examples(model, prompts, sampling={**SAMPLING, **kw.pop("sampling", {})}, seed=seed,
                               pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_length=kw.pop("max_length", 40), **kw)
 
 
@@ -204,7 +205,7 @@ def test_threshold_rises_by_a_tenth_caps_at_one_and_never_moves_the_reference_do
 
 def test_on_policy_coin():
     assert ro.on_policy_choice(0.0, 0.0) == "offline" and ro.on_policy_choice(0.999, 1.0) == "generated"
-    draws = [ro.coin("coin", 0, s, 0) for s in range(2000)]
+    draws = [sampling.coin("coin", 0, s, 0) for s in range(2000)]
     assert 0.45 < sum(ro.on_policy_choice(d, 0.5) == "generated" for d in draws) / 2000 < 0.55
 
 
@@ -269,14 +270,14 @@ def test_lmbda_zero_gives_the_offline_micro_batches_and_one_generates_all(tok):
     one = _rollout(tok, {"name": "on_policy", "lmbda": 1.0, "sampling": SAMPLING}).micro_batches(0, ids, train, model)
     assert [m.source for m in one] == ["generated", "generated"] and all(m.example_ids is None for m in one)
     for m, idx in zip(one, ids):  # the student answered the batch's own prompts
-        assert [ro.prompt_of(e) for e in m.examples] == [ro.prompt_of(train[i]) for i in idx]
+        assert [sampling.prompt_of(e) for e in m.examples] == [sampling.prompt_of(train[i]) for i in idx]
 
 
 def test_coins_are_shared_by_ranks_and_samples_are_not(tok):
     cfg = {"name": "on_policy", "lmbda": 0.5, "sampling": SAMPLING}
     a, b = _rollout(tok, cfg), _rollout(tok, cfg)
     assert [a.choose(s, m) for s in range(20) for m in range(2)] == [b.choose(s, m) for s in range(20) for m in range(2)]
-    assert ro.derived_seed("sample", 0, 3, 0, 0) != ro.derived_seed("sample", 0, 3, 0, 1)
+    assert sampling.derived_seed("sample", 0, 3, 0, 0) != sampling.derived_seed("sample", 0, 3, 0, 1)
 
 
 def run_sgo(tok, model, train, steps, rollout, start=0, dev_losses=None):
@@ -329,15 +330,15 @@ def test_seq_kd_samples_the_teacher_once_and_every_cell_reads_the_file(tok, tmp_
         return teacher
 
     kw = dict(load_teacher=load, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_length=40)
-    first = ro.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, cfg, **kw)
-    again = ro.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, cfg, **kw)
+    first = seq_kd.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, cfg, **kw)
+    again = seq_kd.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, cfg, **kw)
     assert first == again and len(loads) == 1 and len(list((tmp_path / "cache").glob("seqkd-*.safetensors"))) == 1
     for ex, ref in zip(first, train):
-        assert ro.prompt_of(ex) == ro.prompt_of(ref)
+        assert sampling.prompt_of(ex) == sampling.prompt_of(ref)
         assert ex["labels"][: ex["prompt_length"]] == [IGNORE_INDEX] * ex["prompt_length"]
-    assert first != [ro.response_example(ro.prompt_of(t), t["input_ids"][t["prompt_length"]:], eos_id=tok.eos_token_id,
+    assert first != [sampling.response_example(sampling.prompt_of(t), t["input_ids"][t["prompt_length"]:], eos_id=tok.eos_token_id,
                                          max_length=40) for t in train]  # the references were replaced
-    ro.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, {**cfg, "seed": 1}, **kw)
+    seq_kd.seq_kd_examples(tmp_path / "cache", tmp_path / "teacher", train, {**cfg, "seed": 1}, **kw)
     assert len(loads) == 2  # another sampling seed is another file
 
 
@@ -495,7 +496,7 @@ import json, os, sys, copy
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from distill.train import engine as eng
-from distill.rollouts.rollout import sample_examples
+from distill.rollouts.sampling import sample_examples
 
 rank, world = eng.setup_distributed(120)
 torch.manual_seed(0)
