@@ -77,7 +77,7 @@ def timed(fn: Callable):
 
 def sft(model, train_ex: list[dict], pad_id: int, steps: int, seed: int) -> float:
     """A plain SFT loop on the job's batches (setup only, not measured); returns the last step's CE."""
-    from distill.data.records import collate_train
+    from distill.data.encoding import collate_train
     from distill.train.engine import lr_schedule
     from distill.train.run import sample_indices
 
@@ -220,7 +220,7 @@ def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
 @torch.no_grad()
 def student_rows(student, examples: list[dict], pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """Student logits at the teacher cache's positions, in the cache's row order (example, then position)."""
-    from distill.data.records import collate_train
+    from distill.data.encoding import collate_train
     from distill.teachers.cache import response_positions
 
     rows = []

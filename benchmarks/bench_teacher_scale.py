@@ -162,7 +162,7 @@ def storage(args, tmp: Path) -> list[str]:
 def step_time(args, tmp: Path) -> list[str]:
     from distill.train import engine as eng
     from distill import models
-    from distill.data.records import collate_train
+    from distill.data.encoding import collate_train
     from distill.train.run import fused_batch_loss, response_mask
 
     cfg = job_cfg(args)
@@ -256,7 +256,7 @@ def memory_worker(args) -> None:
 
     from distill.train import engine as eng
     from distill import models
-    from distill.data.records import collate_train
+    from distill.data.encoding import collate_train
     from distill.teachers.cache import TeacherCache
     from distill.train.run import EXAMPLE_IDS, micro_batch_loss, response_mask
 

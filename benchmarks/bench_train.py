@@ -145,7 +145,7 @@ def make_bare_step(ref, student, job_loss: bool = False) -> Callable[[int], Cloc
     job_loss=True swaps `distillation_loss` for the job's `batch_loss` (which also computes the CE term), so that
     the difference to the job is DeepSpeed alone.
     """
-    from distill.data.records import collate_train, response_mask
+    from distill.data.encoding import collate_train, response_mask
     from distill.train.engine import lr_schedule, min_lr_ratio
     from distill.losses.divergences import distillation_loss
     from distill.train.run import batch_loss, sample_indices

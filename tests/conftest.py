@@ -76,7 +76,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def alpaca_tokenizer():
     """The embedded suite's recipe (byte-level BPE with EOS, PAD and a chat template) on Alpaca-style lines."""
-    from distill.data.records import ALPACA_PROMPT_INPUT
+    from distill.data.encoding import ALPACA_PROMPT_INPUT
     from distill.data.embedded import train_tokenizer
 
     text = [ALPACA_PROMPT_INPUT.format(instruction="Add 12 and 30.", input="12 30") + "The answer is 42."] * 20

@@ -30,7 +30,8 @@ from typing import Any
 
 from filelock import FileLock
 
-from distill.data.records import Record, render_prompt
+from distill.data.records import Record
+from distill.data.encoding import render_prompt
 from distill.files import atomic_path
 
 # Bump when the generator or tokenizer recipe changes: it is part of the cache dir name.

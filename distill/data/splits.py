@@ -16,7 +16,8 @@ from typing import Any
 
 from distill.config import plain
 from distill.options import LONG_PROMPT_POLICIES
-from distill.data.records import Record, load_hub_records, read_records, read_records_with_stats, render_prompt
+from distill.data.records import Record, load_hub_records, read_records, read_records_with_stats
+from distill.data.encoding import render_prompt
 from distill.data.embedded import SPLITS, prepare_embedded
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from distill import models
 from distill.config import CONF_DIR, compose
 from distill.data import records as data_mod
+from distill.data import encoding
 from distill.data.embedded import SPLITS, prepare_embedded
 from distill.evaluation.gradients import (DEFAULT_TAUS, OUTPUT_NAMES, parse_objectives, parse_taus, run_analysis,
                                           table_markdown, teacher_topk_mask)
@@ -185,10 +186,10 @@ def _main(args: argparse.Namespace) -> int:
     max_len = min([max_len, *limits])
     max_prompt = min(int(data_cfg["max_prompt_length"]), max_len - 1)
     template = args.template or data_cfg.get("template", "alpaca")
-    examples = [data_mod.encode_example(tokenizer, r, template=template, max_length=max_len,
+    examples = [encoding.encode_example(tokenizer, r, template=template, max_length=max_len,
                                         max_prompt_length=max_prompt,
                                         truncation_side=data_cfg.get("truncation_side", "left")) for r in records]
-    batches = (data_mod.collate_train(examples[i:i + args.batch_size], tokenizer.pad_token_id)
+    batches = (encoding.collate_train(examples[i:i + args.batch_size], tokenizer.pad_token_id)
                for i in range(0, len(examples), args.batch_size))
     title = f"Gradient vs tau: {len(examples)} examples of {Path(args.data).name}"
     rows = run_analysis(teacher, student, batches, objectives=objectives, taus=taus, topk=args.topk,

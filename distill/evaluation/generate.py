@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
-from distill.data.records import IGNORE_INDEX, Record, encode_prompts_left, render_prompt, response_mask
+from distill.cell.results import GENERATIONS_SUFFIX
+from distill.data.records import Record
+from distill.data.encoding import IGNORE_INDEX, encode_prompts_left, render_prompt, response_mask
 from distill.losses.divergences import kl_at_tau1
 from distill.files import atomic_write_text
 
@@ -319,24 +321,6 @@ def evaluate_benchmarks(
             atomic_write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
         results[name] = summary
     return results
-
-
-GENERATIONS_SUFFIX = ".generations.jsonl"
-
-
-def read_generations(out_dir: str | Path, benchmark: str) -> list[dict]:
-    """The lines `evaluate_benchmarks` wrote for a benchmark (seed, prompt, output, references, rougeL);
-    [] if there is no file. A line that does not parse (a file cut by a kill) is skipped."""
-    path = Path(out_dir) / f"{benchmark}{GENERATIONS_SUFFIX}"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.config import CONF_DIR
-from distill.data.records import response_mask
+from distill.data.encoding import response_mask
 from distill.losses.divergences import align_vocab, divergence_per_token
 from distill.options import DIVERGENCES
 from distill.files import atomic_write_bytes

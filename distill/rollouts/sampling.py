@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from distill.data.records import IGNORE_INDEX, left_pad
+from distill.data.encoding import IGNORE_INDEX, left_pad
 from distill.evaluation.generate import sample_new_tokens, seeded
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens", "no_repeat_ngram_size")

@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from distill.cell.hashing import DigestCache, files_digest, short_hash, token_digest
-from distill.data.records import collate_train, response_mask
+from distill.data.encoding import collate_train, response_mask
 from distill.files import atomic_path, atomic_write_json
 from distill.models import final_hidden, output_head, param_shape
 from distill.options import CACHE_KINDS, CACHE_SETTINGS

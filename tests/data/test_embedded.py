@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from distill.data import embedded as tasks
-from distill.data.records import read_records, render_prompt
+from distill.data.records import read_records
+from distill.data.encoding import render_prompt
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "embedded.yaml"
 SMALL = {"seed": 7, "n_train": 330, "n_valid": 33, "n_test": 44, "n_shift": 44}

@@ -111,10 +111,10 @@ def test_cli_demo_mode_finds_the_demos_pair_data_and_template(tiny_pair, tmp_pat
     for role, target in prep_model_dirs(demo_root).items():
         shutil.copytree(dirs[role], target)
     seen = {}
-    from distill.data import records as data_mod
+    from distill.data import encoding
 
-    original = data_mod.encode_example
-    monkeypatch.setattr(data_mod, "encode_example", lambda *a, **k: seen.setdefault("template", k["template"]) and original(*a, **k))
+    original = encoding.encode_example
+    monkeypatch.setattr(encoding, "encode_example", lambda *a, **k: seen.setdefault("template", k["template"]) and original(*a, **k))
     rc = analyze_cli.main(["--demo", str(demo_root), "--objectives", "fkl,rkl", "--taus", "1,2", "--num-examples", "4"])
     assert rc == 0
     assert seen["template"] == "alpaca_compact"

@@ -13,7 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.conftest import byte_bpe_tokenizer
 
-from distill.data.records import Record, encode_prompts_left, render_prompt
+from distill.data.records import Record
+from distill.data.encoding import encode_prompts_left, render_prompt
 from distill.evaluation.generate import (
     evaluate_benchmarks,
     exact_match,

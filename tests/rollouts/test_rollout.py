@@ -15,7 +15,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from distill.rollouts import rollout as ro
 from distill.rollouts import sampling, seq_kd
-from distill.data.records import IGNORE_INDEX, Record, encode_example
+from distill.data.records import Record
+from distill.data.encoding import IGNORE_INDEX, encode_example
 from tests.conftest import compose
 
 EOS, PAD = 7, 0
@@ -44,7 +45,7 @@ def test_pad_equal_to_eos_still_labels_one_eos():
 
 
 def test_generated_examples_collate_to_the_response_mask_of_references(tiny_tokenizer):
-    from distill.data.records import collate_train
+    from distill.data.encoding import collate_train
 
     eos = tiny_tokenizer.eos_token_id
     gen = [sampling.response_example([5, 6, 7], [8, eos], eos_id=eos, max_length=20),

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2LMH
 
 from distill.teachers import cache as tc
 from distill.losses.chunked import fused_distillation_loss
-from distill.data.records import Record, collate_train, encode_example
+from distill.data.records import Record
+from distill.data.encoding import collate_train, encode_example
 from distill.losses.divergences import distillation_loss
 from distill.models import output_head
 

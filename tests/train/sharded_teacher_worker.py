@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from distill.data import records as data_mod
+from distill.data import encoding
 from distill.train import engine as eng
 from distill import models
 from distill.teachers import cache as tc
@@ -34,8 +34,8 @@ def main(teacher_dir: str, data_root: str, out_dir: str) -> None:
               "model.teacher.shard=true", "divergence=jsd", "tau=2", "eval.max_examples=2"]
     cfg = compose([*common, f"paths.root={out}/probe"])
     splits, tok = train.load_data_and_tokenizer(cfg)
-    examples = data_mod.encode_records(tok, splits.train[:16], cfg.data, data_mod.TruncationStats())
-    batch = data_mod.collate_train(examples[rank * 4:(rank + 1) * 4], tok.pad_token_id)  # each rank its own rows
+    examples = encoding.encode_records(tok, splits.train[:16], cfg.data, encoding.TruncationStats())
+    batch = encoding.collate_train(examples[rank * 4:(rank + 1) * 4], tok.pad_token_id)  # each rank its own rows
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     sharded, teacher_engine = train._build_teacher(cfg, tok, torch.float32, torch.device("cpu"))
