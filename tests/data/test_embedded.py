@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from distill.data import embedded as tasks
+from distill.data.task_families import FAMILIES
 from distill.data.records import read_records
 from distill.data.encoding import render_prompt
 
@@ -61,9 +62,9 @@ def test_generation_is_deterministic_and_seed_dependent(suite):
 def test_split_sizes_and_all_families_balanced(suite):
     sizes = {"train": 330, "valid": 33, "test": 44, "shift_wording": 44, "shift_long": 44}
     assert {s: len(exs) for s, exs in suite.items()} == sizes
-    assert len(tasks.FAMILIES) >= 8
+    assert len(FAMILIES) >= 8
     for split, exs in suite.items():
-        counts = {f.name: 0 for f in tasks.FAMILIES}
+        counts = {f.name: 0 for f in FAMILIES}
         for e in exs:
             counts[e.record.task] += 1
         assert max(counts.values()) - min(counts.values()) <= 1, (split, counts)
@@ -78,7 +79,7 @@ def test_every_example_has_2_to_3_distinct_paraphrases(suite):
 
 def test_training_targets_mix_paraphrases_within_each_family(suite):
     # the teacher must see several answer styles for the same kind of prompt (multi-modal targets)
-    for fam in tasks.FAMILIES:
+    for fam in FAMILIES:
         recs = [e.record for e in suite["train"] if e.record.task == fam.name]
         chosen = [r.target_index(0) for r in recs]
         shares = [chosen.count(k) / len(chosen) for k in range(3)]
@@ -98,8 +99,8 @@ def test_splits_are_disjoint_by_problem_and_by_prompt(suite):
 
 
 def test_shift_wording_uses_only_held_out_phrasings(suite):
-    fams = {f.name: f for f in tasks.FAMILIES}
-    for f in tasks.FAMILIES:
+    fams = {f.name: f for f in FAMILIES}
+    for f in FAMILIES:
         assert not set(f.train_phrasings) & set(f.shift_phrasings), f.name
     for split in ("train", "valid", "test", "shift_long"):
         for e in suite[split]:
@@ -116,7 +117,7 @@ def test_shift_long_has_longer_inputs_or_bigger_numbers(suite):
         return [e for e in suite[split] if e.record.task == fam]
 
     numbers = {"add": slice(1, 3), "subtract": slice(1, 3), "convert_units": slice(3, 4)}  # operands in the key
-    for f in tasks.FAMILIES:
+    for f in FAMILIES:
         if f.name in numbers:
             train_max = max(max(e.key[numbers[f.name]]) for e in of("train", f.name))
             long_min = min(min(e.key[numbers[f.name]]) for e in of("shift_long", f.name))
