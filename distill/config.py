@@ -64,6 +64,18 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
             batch_plan(t, world_size)
         except ConfigError as exc:
             out.append(str(exc))
+    out.extend(_loss_problems(cfg))
+    out.extend(_model_problems(cfg))
+    out.extend(_rollout_problems(cfg))
+    if not cfg.eval.seeds:
+        out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    out.extend(_reliability_problems(cfg))
+    return out
+
+
+def _loss_problems(cfg: DictConfig) -> list[str]:
+    """What cannot run in `loss`: the ratio, tau's target, the implementation and the teacher cache."""
+    out: list[str] = []
     loss = cfg.loss
     if not 0.0 <= float(loss.kd_ratio) <= 1.0:
         out.append(f"loss.kd_ratio={loss.kd_ratio}: must be in [0, 1] (0 = SFT, 1 = pure distillation)")
@@ -86,6 +98,15 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     if cache in (True, "hidden", "logits") and float(loss.kd_ratio) > 0 and not cfg.model.teacher.get("path"):
         out.append(f"loss.teacher_cache={str(cache).lower()} needs model.teacher.path (the cache is keyed by the teacher's files); "
                    "auto uses the live teacher when there is no path")
+    return out
+
+
+def _model_problems(cfg: DictConfig) -> list[str]:
+    """What cannot run in `model` and `divergence`: the teacher's sharding, the divergence and its parameters,
+    the pair's paths."""
+    out: list[str] = []
+    tau = cfg.get("tau")
+    loss = cfg.loss
     shard = cfg.model.teacher.get("shard", False)
     if not isinstance(shard, bool):
         out.append(f"model.teacher.shard={shard!r}: must be true (partition the teacher across ranks, ZeRO-3 "
@@ -104,10 +125,6 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
             "model.teacher.path is not set but loss.kd_ratio > 0: point it at a trained teacher "
             "(train one with experiment=teacher), or use loss.kd_ratio=0 for SFT"
         )
-    out.extend(_rollout_problems(cfg))
-    if not cfg.eval.seeds:
-        out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
-    out.extend(_reliability_problems(cfg))
     return out
 
 

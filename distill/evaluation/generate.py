@@ -19,7 +19,7 @@ import functools
 import json
 import statistics
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -171,6 +171,20 @@ def sample_new_tokens(
     return sequences[:, input_ids.shape[1]:]
 
 
+def _check_generate_args(n_prompts: int, batch_size: int, max_length: int, max_prompt_length: int,
+                         max_new_tokens: int | None, do_sample: bool, temperature: float) -> None:
+    if n_prompts == 0:
+        raise ValueError("got no prompts; need at least one")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; need >= 1")
+    if max_length < 1 or max_prompt_length < 1:
+        raise ValueError(f"max_length={max_length}, max_prompt_length={max_prompt_length}; both need to be >= 1")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}; need None or >= 1")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"sampling temperature={temperature}; need > 0 (use do_sample=False for greedy)")
+
+
 def generate(
     model,
     tokenizer,
@@ -205,17 +219,8 @@ def generate(
     which end of an over-long prompt is kept (as `data.truncation_side`); `synced_gpus` keeps the
     ranks of a ZeRO-3 model stepping together (every rank must call with as many prompts).
     """
-    if len(prompts) == 0:
-        raise ValueError("got no prompts; need at least one")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}; need >= 1")
-    if max_length < 1 or max_prompt_length < 1:
-        raise ValueError(f"max_length={max_length}, max_prompt_length={max_prompt_length}; both need to be >= 1")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; need None or >= 1")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"sampling temperature={temperature}; need > 0 (use do_sample=False for greedy)")
-
+    _check_generate_args(len(prompts), batch_size, max_length, max_prompt_length, max_new_tokens, do_sample,
+                         temperature)
     eos_token_id = tokenizer.eos_token_id
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
     device = _model_device(model)
@@ -285,12 +290,9 @@ def evaluate_benchmarks(
             records = records[: cfg["max_examples"]]
         if not records:
             raise ValueError(f"benchmark {name!r} has no records; need at least one")
-        prompts = [render_prompt(r, template, tokenizer) for r in records]
-        references = [list(r.outputs) for r in records]
 
-        rouge_per_seed, em_per_seed, lines = [], [], []
-        for seed in cfg["seeds"]:
-            outputs = generate(
+        def generate_for(prompts: list[str], seed: int) -> list[str]:
+            return generate(
                 model, tokenizer, prompts,
                 max_length=max_length, max_prompt_length=max_prompt_length,
                 batch_size=cfg["batch_size"], do_sample=cfg["do_sample"], top_k=cfg["top_k"],
@@ -298,29 +300,40 @@ def evaluate_benchmarks(
                 no_repeat_ngram_size=cfg["no_repeat_ngram_size"], max_new_tokens=cfg["max_new_tokens"],
                 seed=seed, progress=progress, desc=f"eval {name} seed={seed}", truncation_side=truncation_side,
             )
-            scores = rouge_l_scores(outputs, references)
-            rouge_per_seed.append(statistics.fmean(scores))
-            em_per_seed.append(exact_match(outputs, references))
-            if out_dir is not None and cfg["write_generations"]:
-                for prompt, output, refs, score in zip(prompts, outputs, references, scores):
-                    lines.append({"seed": seed, "prompt": prompt, "output": output, "references": refs, "rougeL": score})
 
-        summary = {
-            "rougeL_mean": statistics.fmean(rouge_per_seed),
-            "rougeL_std": statistics.pstdev(rouge_per_seed),
-            "rougeL_per_seed": rouge_per_seed,
-            "exact_match_mean": statistics.fmean(em_per_seed),
-            "exact_match_per_seed": em_per_seed,
-            "seeds": cfg["seeds"],
-            "n": len(records),
-        }
-        if out_dir is not None:
-            if cfg["write_generations"]:
-                jsonl = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-                atomic_write_text(out_dir / f"{name}{GENERATIONS_SUFFIX}", jsonl)
-            atomic_write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
-        results[name] = summary
+        results[name] = _score_benchmark(name, records, [render_prompt(r, template, tokenizer) for r in records],
+                                         generate_for, cfg, out_dir)
     return results
+
+
+def _score_benchmark(name: str, records: list[Record], prompts: list[str],
+                     generate_for: Callable[[list[str], int], list[str]], cfg: dict, out_dir: Path | None) -> dict:
+    """One benchmark under every eval seed: its summary, written (with the generations) under `out_dir`."""
+    references = [list(r.outputs) for r in records]
+    rouge_per_seed, em_per_seed, lines = [], [], []
+    for seed in cfg["seeds"]:
+        outputs = generate_for(prompts, seed)
+        scores = rouge_l_scores(outputs, references)
+        rouge_per_seed.append(statistics.fmean(scores))
+        em_per_seed.append(exact_match(outputs, references))
+        if out_dir is not None and cfg["write_generations"]:
+            for prompt, output, refs, score in zip(prompts, outputs, references, scores):
+                lines.append({"seed": seed, "prompt": prompt, "output": output, "references": refs, "rougeL": score})
+    summary = {
+        "rougeL_mean": statistics.fmean(rouge_per_seed),
+        "rougeL_std": statistics.pstdev(rouge_per_seed),
+        "rougeL_per_seed": rouge_per_seed,
+        "exact_match_mean": statistics.fmean(em_per_seed),
+        "exact_match_per_seed": em_per_seed,
+        "seeds": cfg["seeds"],
+        "n": len(records),
+    }
+    if out_dir is not None:
+        if cfg["write_generations"]:
+            jsonl = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+            atomic_write_text(out_dir / f"{name}{GENERATIONS_SUFFIX}", jsonl)
+        atomic_write_text(out_dir / f"{name}.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------

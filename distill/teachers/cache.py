@@ -353,25 +353,9 @@ class TeacherCache:
             if world > 1:
                 dist.broadcast(need, src=0, group=wait_group)
             if need.item():
-                if rank == 0:
-                    log.info("teacher cache: computing %s (%s, %d examples, %d ranks)", root.name, kind,
-                             len(examples), world)
-                    root.mkdir(parents=True, exist_ok=True)
-                if world > 1:
-                    dist.barrier()
-                plan = shard_plan(len(examples), world, shard_examples)
-                meta = {"key": key, "kind": kind, "dtype": str(dtype)}
-                cls._build_share(teacher, examples, plan[rank::world], root, meta, pad_id=pad_id,
-                                 batch_size=batch_size, kind=kind, topk=topk, device=device,
-                                 progress=progress and rank == 0)
-                if world > 1:
-                    dist.barrier()  # every shard written (a failed rank surfaces within the default timeout)
-                if rank == 0:
-                    index = {"format": FORMAT_VERSION, "key": key, "kind": kind, "dtype": str(dtype),
-                             "topk": topk if kind == "topk" else None, "vocab_size": vocab, "hidden_size": hidden,
-                             "n_examples": len(examples), "teacher_path": str(teacher_path),
-                             "shards": [{"file": _shard_name(a, b), "start": a, "stop": b} for a, b in plan]}
-                    atomic_write_json(index_path, index)
+                cls._build(teacher, teacher_path, examples, root, key, pad_id=pad_id, batch_size=batch_size,
+                           kind=kind, topk=topk, device=device, dtype=dtype, progress=progress,
+                           shard_examples=shard_examples, heads=(vocab, hidden))
             elif rank == 0:
                 log.info("teacher cache: reusing %s", root.name)
         finally:
@@ -384,6 +368,31 @@ class TeacherCache:
         if index.get("n_examples") != len(examples):
             raise ValueError(f"teacher cache {root} holds {index.get('n_examples')} examples, expected {len(examples)}")
         return cls(root, index)
+
+    @classmethod
+    def _build(cls, teacher: torch.nn.Module, teacher_path: str | Path, examples: Sequence[dict], root: Path, key: str,
+               *, pad_id: int, batch_size: int, kind: str, topk: int | None, device: torch.device, dtype: torch.dtype,
+               progress: bool, shard_examples: int, heads: tuple[int, int]) -> None:
+        """Compute the cache on every rank (each its shards), then publish its index (rank 0)."""
+        rank, world = _distributed()
+        vocab, hidden = heads
+        if rank == 0:
+            log.info("teacher cache: computing %s (%s, %d examples, %d ranks)", root.name, kind, len(examples), world)
+            root.mkdir(parents=True, exist_ok=True)
+        if world > 1:
+            dist.barrier()
+        plan = shard_plan(len(examples), world, shard_examples)
+        meta = {"key": key, "kind": kind, "dtype": str(dtype)}
+        cls._build_share(teacher, examples, plan[rank::world], root, meta, pad_id=pad_id, batch_size=batch_size,
+                         kind=kind, topk=topk, device=device, progress=progress and rank == 0)
+        if world > 1:
+            dist.barrier()  # every shard written (a failed rank surfaces within the default timeout)
+        if rank == 0:
+            index = {"format": FORMAT_VERSION, "key": key, "kind": kind, "dtype": str(dtype),
+                     "topk": topk if kind == "topk" else None, "vocab_size": vocab, "hidden_size": hidden,
+                     "n_examples": len(examples), "teacher_path": str(teacher_path),
+                     "shards": [{"file": _shard_name(a, b), "start": a, "stop": b} for a, b in plan]}
+            atomic_write_json(root / "index.json", index)
 
     @staticmethod
     def _build_share(teacher, examples, shards, root: Path, meta: dict[str, str], *, pad_id, batch_size, kind,
