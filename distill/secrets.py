@@ -65,3 +65,17 @@ def redact(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [redact(v) for v in data if not is_secret_value(v)]
     return data
+
+
+def secret_overrides(argv: list[str]) -> list[str]:
+    """The command-line overrides (`key=value`, `+key=value`) whose key or value looks like a secret."""
+    out = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        if value.strip().startswith("${oc.env:"):
+            continue  # the secret stays in the environment; only its name is on the command line
+        if is_secret_key(key.lstrip("+~")) or is_secret_value(value):
+            out.append(key)
+    return out

@@ -12,9 +12,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from distill.secrets import is_secret_key, is_secret_value
 from distill.config import CONF_DIR
 from distill.options import CellBusy, ConfigError, InputError
+from distill.secrets import secret_overrides
 from distill.train.run import run_cell
 
 
@@ -30,20 +30,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     scores = [r["rougeL_mean"] for r in (metrics or {}).get("eval", {}).values()]
     return sum(scores) / len(scores) if scores else None
-
-
-def secret_overrides(argv: list[str]) -> list[str]:
-    """The command-line overrides (`key=value`, `+key=value`) whose key or value looks like a secret."""
-    out = []
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        if value.strip().startswith("${oc.env:"):
-            continue  # the secret stays in the environment; only its name is on the command line
-        if is_secret_key(key.lstrip("+~")) or is_secret_value(value):
-            out.append(key)
-    return out
 
 
 def main() -> None:
