@@ -20,7 +20,7 @@ the comparison:
 It also records each step's loss (TRL's logged loss is rounded), via `training_step`.
 
 What runs. One child process per (objective, tau) config; in it:
-  * ours: the job's own pieces: `distill.train.setup(cfg)` (the composed `distill-train` config: DeepSpeed ZeRO-0
+  * ours: the job's own pieces: `distill.train.prepare.setup(cfg)` (the composed `distill-train` config: DeepSpeed ZeRO-0
     fp32 engine, frozen teacher, torch AdamW, warmup + cosine, clipping) and, per step, `train_step(cell, step,
     micro_batches=...)` + `after_step(cell, ...)`, then `finish(cell)` (export + generation + ROUGE-L).
   * TRL: GKDTrainer on a student built by the same `distill.models.build_model` (identical initial weights:
@@ -178,7 +178,9 @@ def run_config(args, objective: str, tau: float, root: Path) -> dict[str, Any]:
 
     from distill import models
     from distill.evaluation import generate as evaluate
-    from distill.train.run import after_step, finish, sample_batches, setup, train_step
+    from distill.train.finish import finish
+    from distill.train.prepare import setup
+    from distill.train.step import after_step, sample_batches, train_step
 
     cfg = _config(args, objective, tau, root)
     cell = setup(cfg)

@@ -4,7 +4,7 @@
     python -m benchmarks.bench_rollout --teacher DIR --student DIR   # e.g. the demo's prep teacher + SFT warm start
     python -m benchmarks.bench_rollout --quick               # a smoke run (~30 s)
 
-Part 1, the step. Three cells of the job (`distill.train.setup`, experiment=demo: toy GPT-2 teacher 4L/128d,
+Part 1, the step. Three cells of the job (`distill.train.prepare.setup`, experiment=demo: toy GPT-2 teacher 4L/128d,
 student 2L/64d, micro batch 32, fkl at tau 1), each stepped with the job's own `sample_batches` + `train_step`:
   offline-live   the references, teacher run live on every micro-batch
   offline-cache  the references, teacher outputs from the shared cache (what the demo's cells do)
@@ -54,7 +54,7 @@ def _compose(overrides: list[str]):
 
 def build_cells(root: Path, teacher: str | None, student: str | None, extra: list[str]) -> dict:
     """The three cells of part 1 (one process, one engine each), built by the job's own `setup`."""
-    from distill.train import run as train
+    from distill.train.prepare import setup
 
     base = ["experiment=demo", "logger=none", "divergence=fkl", "tau=1.0", f"paths.root={root}",
             "trainer.progress=false", "trainer.eval_every=0", "trainer.ckpt_every=0"]
@@ -73,13 +73,13 @@ def build_cells(root: Path, teacher: str | None, student: str | None, extra: lis
     for name, over in variants.items():
         if over is None:
             continue
-        cells[name] = train.setup(_compose(base + over + [f"sweep_name=bench-{name}"] + extra))
+        cells[name] = setup(_compose(base + over + [f"sweep_name=bench-{name}"] + extra))
     return cells
 
 
 def time_steps(cells: dict, rounds: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """Interleaved, shuffled rounds of one step per variant: wall/CPU of the rollout and of train_step."""
-    from distill.train import run as train
+    from distill.train.step import sample_batches, train_step
 
     out = {v: {"wall": [], "cpu": [], "gen_wall": [], "gen_cpu": [], "gen_tokens": []} for v in cells}
     rng = random.Random(0)
@@ -91,9 +91,9 @@ def time_steps(cells: dict, rounds: int, warmup: int) -> dict[str, dict[str, lis
             step = r  # every variant steps through the same indices
             before = cell.rollout.generated_tokens
             w0, c0 = _clocks()
-            batches = train.sample_batches(cell, step)
+            batches = sample_batches(cell, step)
             w1, c1 = _clocks()
-            train.train_step(cell, step, batches)
+            train_step(cell, step, batches)
             w2, c2 = _clocks()
             if r >= warmup:
                 rec = out[name]

@@ -19,16 +19,16 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
                     validation) and the cache file, and reads its batches from the cache (loss.teacher_cache =
                     --cache-kind: by default `auto`, the job's choice, here the teacher's final hidden states, to
                     which the teacher's head is applied at each step; `logits` = the full log-probs).
-    Every cell is the job's own: `distill.train.setup` (data, tokenizer, teacher or cache, DeepSpeed engine with
-    ZeRO-0, fp32, world size 1) and `distill.train.train_step` (through `bench_train.job_step`), so the costs are the
-    job's. Within each cell the three variants step through the same batches, interleaved one step at a time in a
-    shuffled order per round (after --warmup discarded steps each), and a variant's cell cost = steps x median
-    seconds/step + its per-cell fixed cost, the time of its `setup` (which differs between the variants by the
-    teacher and cache loads). Validation, export and evaluation are the same for every variant and left out.
+    Every cell is the job's own: `distill.train.prepare.setup` (data, tokenizer, teacher or cache, DeepSpeed engine
+    with ZeRO-0, fp32, world size 1) and `distill.train.step.train_step` (through `bench_train.job_step`), so the
+    costs are the job's. Within each cell the three variants step through the same batches, interleaved one step at
+    a time in a shuffled order per round (after --warmup discarded steps each), and a variant's cell cost = steps x
+    median seconds/step + its per-cell fixed cost, the time of its `setup` (which differs between the variants by
+    the teacher and cache loads). Validation, export and evaluation are the same for every variant and left out.
     The one-time build is timed through the job's own path too: before the grid, one cache cell is set up alone,
-    and its `setup` finds no cache and builds it (`distill.train._teacher_cache`: `TeacherCache.build_or_load`);
-    the grid's cache cells then load it. The build's cost is that setup's time minus the mean setup time of the
-    grid's cache cells (which do everything else it did).
+    and its `setup` finds no cache and builds it (`distill.teachers.source.teacher_cache`:
+    `TeacherCache.build_or_load`); the grid's cache cells then load it. The build's cost is that setup's time minus
+    the mean setup time of the grid's cache cells (which do everything else it did).
     Printed: each grid's cost and its ratio to the student-only grid, in wall and process-CPU seconds (CPU time is
     nearly blind to other users of a shared machine), plus the same projected to the demo sweep (18 cells x 150 steps)
     from the measured per-step and fixed costs. Target (the Performance issue): cache grid <= 1.2x student-only.
@@ -79,7 +79,7 @@ def sft(model, train_ex: list[dict], pad_id: int, steps: int, seed: int) -> floa
     """A plain SFT loop on the job's batches (setup only, not measured); returns the last step's CE."""
     from distill.data.encoding import collate_train
     from distill.train.engine import lr_schedule
-    from distill.train.run import sample_indices
+    from distill.train.step import sample_indices
 
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.01)
     sched = lr_schedule(opt, max(1, steps // 10), steps, 0.1)
@@ -125,11 +125,11 @@ def prepare_models(args, cfg, train_ex, tokenizer, tmp: Path) -> tuple[Path, Pat
 
 def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
     """Measure the three grid variants (see the module docstring); return the markdown report lines."""
-    from distill.train import run as train
+    from distill.train.prepare import setup
 
     with_teacher = base + [f"model.teacher.path={teacher_dir}"]
     cache_setting = f"loss.teacher_cache={args.cache_kind}"
-    builder, build_wall, build_cpu = timed(lambda: train.setup(compose(with_teacher + [cache_setting])))
+    builder, build_wall, build_cpu = timed(lambda: setup(compose(with_teacher + [cache_setting])))
     kind, cache_mb = builder.cache.kind, builder.cache.nbytes / 2**20
     del builder
 
@@ -144,7 +144,7 @@ def grid_cost(args, base: list[str], teacher_dir: Path) -> list[str]:
         fns = {}
         for v in variants:
             cfg = compose(with_teacher + [f"tau={tau}", *extra[v]])
-            cell, w, c = timed(lambda: train.setup(cfg))
+            cell, w, c = timed(lambda: setup(cfg))
             fixed[v]["wall"] += w
             fixed[v]["cpu"] += c
             fns[v] = (lambda cell: lambda s: bt.job_step(cell, s))(cell)
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     bt.quiet()
 
-    from distill.train import run as train
+    from distill.train.prepare import setup
 
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="bench_teacher_cache_") as tmp_name:
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         base = ["experiment=demo", "logger=none", f"paths.root={tmp}", f"paths.data_dir={data_dir}",
                 "model.student.path=null", "divergence=fkl", "trainer.num_threads=null", "trainer.progress=false"]
         # The job's encoded training examples and tokenizer, from a student-only cell: no teacher exists yet.
-        data_cell = train.setup(compose(base + ["loss.kd_ratio=0.0"]))
+        data_cell = setup(compose(base + ["loss.kd_ratio=0.0"]))
         cfg, train_ex, tokenizer, device = (data_cell.cfg, data_cell.train_examples, data_cell.tokenizer,
                                             data_cell.device)
         del data_cell

@@ -15,7 +15,7 @@ response position. fp32, torch on 1 thread per process, CPU.
     (hidden 3584, vocabulary 152064), and for Dolly (--dolly-positions response positions, an estimate: the
     dataset is not on this machine). The formulas are checked against caches built here by
     `TeacherCache.build_or_load` at GPT-2 XL's sizes: their shard files' bytes per cached position.
-(2) time. One optimizer step of the job's fused path (`distill.train.fused_batch_loss`: student forward, fused
+(2) time. One optimizer step of the job's fused path (`distill.train.objective.fused_batch_loss`: student forward, fused
     loss with the teacher's head making its logits chunk by chunk, backward, step) on a ZeRO-0 DeepSpeed engine,
     micro-batch --batch x --seq, with the teacher's final hidden states either read from the hidden-state cache
     or computed by a live teacher of each of --live-layers blocks. Variants are interleaved one step at a time in
@@ -23,7 +23,7 @@ response position. fp32, torch on 1 thread per process, CPU.
     the same batches; medians of --rounds steps. The teacher forward's cost per block is the slope between the
     two live teachers' forward segments; the live step of the full 48-block teacher is projected from it as
     live(a blocks) + (48 - a) x per-block cost, and compared with the cached step.
-(3) memory. Peak memory of one step of the job's micro-batch path (`distill.train.micro_batch_loss`, reading the
+(3) memory. Peak memory of one step of the job's micro-batch path (`distill.train.objective.micro_batch_loss`, reading the
     hidden-state cache) at each ZeRO stage, 2 processes under torchrun (ZeRO partitions across ranks; with one
     rank every stage holds everything): the fused loss at stages 0-3, the fused loss at stage 3 with the teacher
     partitioned too (model.teacher.shard), and the plain loss at stage 0 for reference. Per rank: resident memory
@@ -162,8 +162,8 @@ def storage(args, tmp: Path) -> list[str]:
 def step_time(args, tmp: Path) -> list[str]:
     from distill.train import engine as eng
     from distill import models
-    from distill.data.encoding import collate_train
-    from distill.train.run import fused_batch_loss, response_mask
+    from distill.data.encoding import collate_train, response_mask
+    from distill.train.objective import fused_batch_loss
 
     cfg = job_cfg(args)
     a, b = args.live_layers
@@ -258,7 +258,8 @@ def memory_worker(args) -> None:
     from distill import models
     from distill.data.encoding import collate_train
     from distill.teachers.cache import TeacherCache
-    from distill.train.run import EXAMPLE_IDS, micro_batch_loss, response_mask
+    from distill.data.encoding import response_mask
+    from distill.train.objective import EXAMPLE_IDS, micro_batch_loss
 
     rank, world = eng.setup_distributed(600)
     torch.set_num_threads(1)

@@ -12,10 +12,10 @@ What is compared (same models, same batches, same math):
   bare-jobloss  the bare loop with the job's `batch_loss` instead of `distillation_loss`: batch_loss also computes
             the CE term (logged; weight 1 - kd_ratio = 0 here, yet in the graph), so job-z0 vs bare-jobloss is
             DeepSpeed alone and bare-jobloss vs bare is the CE term alone.
-  job-zN    the job's own step, `distill.train.train_step`, on a cell of its own from `distill.train.setup` (ZeRO
-            stage N, fp32, world size 1, the live teacher: loss.teacher_cache=false, as the bare loop): the real
-            thing, minus the loop's logging, validation and checkpoints (`after_step`). Its segments come from
-            train_step's `lap` hook.
+  job-zN    the job's own step, `distill.train.step.train_step`, on a cell of its own from
+            `distill.train.prepare.setup` (ZeRO stage N, fp32, world size 1, the live teacher:
+            loss.teacher_cache=false, as the bare loop): the real thing, minus the loop's logging, validation and
+            checkpoints (`after_step`). Its segments come from train_step's `lap` hook.
   job-z0-bf16  the same with trainer.precision=bf16 (student AND teacher in bf16, as the job does). Its ratio is
             against the fp32 bare loop: it says what bf16 buys here, not a like-for-like overhead.
 The job-z0 cell is the reference: the bare loops take its encoded training examples, tokenizer, config and teacher.
@@ -128,9 +128,9 @@ class Clock:
 
 
 def job_step(cell, step: int) -> Clock:
-    """One optimizer step of the job (`distill.train.train_step` on `cell`), timed segment by segment through its
+    """One optimizer step of the job (`distill.train.step.train_step` on `cell`), timed segment by segment through its
     `lap` hook; the clock carries the step's loss."""
-    from distill.train.run import train_step
+    from distill.train.step import train_step
 
     clock = Clock()
     clock.loss = train_step(cell, step, lap=clock.lap)["loss"]
@@ -139,7 +139,7 @@ def job_step(cell, step: int) -> Clock:
 
 def make_bare_step(ref, student, job_loss: bool = False) -> Callable[[int], Clock]:
     """A plain PyTorch loop with the job's math: same sampler, loss, AdamW settings, clipping and LR schedule, on
-    the training examples, tokenizer, config and teacher of the job's cell `ref` (`distill.train.setup`) and a
+    the training examples, tokenizer, config and teacher of the job's cell `ref` (`distill.train.prepare.setup`) and a
     `student` of its own.
 
     job_loss=True swaps `distillation_loss` for the job's `batch_loss` (which also computes the CE term), so that
@@ -148,7 +148,8 @@ def make_bare_step(ref, student, job_loss: bool = False) -> Callable[[int], Cloc
     from distill.data.encoding import collate_train, response_mask
     from distill.train.engine import lr_schedule, min_lr_ratio
     from distill.losses.divergences import distillation_loss
-    from distill.train.run import batch_loss, sample_indices
+    from distill.train.objective import batch_loss
+    from distill.train.step import sample_indices
 
     cfg, teacher, train_ex, pad_id = ref.cfg, ref.teacher, ref.train_examples, ref.tokenizer.pad_token_id
     t, plan = cfg.trainer, ref.schedule.batch
@@ -328,11 +329,11 @@ def verdict(res: dict[str, Any]) -> list[str]:
 
 
 def build(overrides: list[str], variant: str, ref):
-    """The step function of one variant: a job cell of its own (`distill.train.setup`; ZeRO-0 fp32 is `ref`
+    """The step function of one variant: a job cell of its own (`distill.train.prepare.setup`; ZeRO-0 fp32 is `ref`
     itself) or, for the bare loops, a student of its own (same seed => same initial weights) on `ref`'s data,
     config and teacher."""
     from distill import models
-    from distill.train import run as train
+    from distill.train.prepare import setup
     from distill.config import compose
 
     if variant.startswith("bare"):
@@ -342,7 +343,7 @@ def build(overrides: list[str], variant: str, ref):
         return make_bare_step(ref, student, job_loss=variant == "bare-jobloss")
     precision = "bf16" if variant.endswith("bf16") else "fp32"
     stage = int(variant.split("-")[1][1])
-    cell = ref if (stage, precision) == (0, "fp32") else train.setup(
+    cell = ref if (stage, precision) == (0, "fp32") else setup(
         compose(overrides + [f"trainer.zero_stage={stage}", f"trainer.precision={precision}"]))
     return lambda step: job_step(cell, step)
 
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     quiet()
 
-    from distill.train import run as train
+    from distill.train.prepare import setup
     from distill.config import compose
 
     t_start = time.time()
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                      "loss.teacher_cache=false", "trainer.num_threads=null", "trainer.progress=false",
                      *args.overrides]
         # The reference cell (ZeRO-0, fp32): job-z0 itself, and the data, config and teacher of the bare loops.
-        ref = train.setup(compose(overrides + ["trainer.zero_stage=0", "trainer.precision=fp32"]))
+        ref = setup(compose(overrides + ["trainer.zero_stage=0", "trainer.precision=fp32"]))
         cfg, train_ex, plan = ref.cfg, ref.train_examples, ref.schedule.batch
         fns = {v: build(overrides, v, ref) for v in variants}
         print(f"# bench_train: job step vs bare PyTorch step ({time.strftime('%Y-%m-%d %H:%M')})\n")
