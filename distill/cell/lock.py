@@ -118,7 +118,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _slurm_job_state(job_id: str) -> str | None:
+def slurm_job_state(job_id: str) -> str | None:
     """`RUNNING`, `PENDING`, ... as scontrol reports it; None when that cannot be known here."""
     if not shutil.which("scontrol"):
         return None
@@ -149,7 +149,7 @@ def stale_reason(holder: Holder, now: float | None = None, *, ask_slurm: bool = 
     if job and job == mine.get("job_id") and holder.slurm.get("restart_count", "0") != mine.get("restart_count", "0"):
         return f"it is an earlier attempt of this SLURM job ({job}, restart {holder.slurm.get('restart_count', '0')})"
     if job and ask_slurm and job != mine.get("job_id"):
-        state = _slurm_job_state(job)
+        state = slurm_job_state(job)
         if state is not None and state not in ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED"):
             return f"its SLURM job {job} is {state}"
     return None

@@ -24,6 +24,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from distill.cell.lock import slurm_job_state
+
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -105,13 +107,11 @@ class Preemption:
 
         Call on rank 0 only, after the checkpoint and metrics are written and the cell lock is released.
         """
-        from distill.cell.lock import _slurm_job_state
-
         job = slurm_job_id()
         if job is None:
             msg = "not under SLURM: rerun the same command to resume from the checkpoint"
         else:
-            state = _slurm_job_state(job)
+            state = slurm_job_state(job)
             if state is None:
                 msg = f"SLURM job {job}: its state is unknown here (no scontrol): not requeued"
             elif state != "RUNNING":

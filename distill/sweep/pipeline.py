@@ -35,7 +35,9 @@ from typing import Any
 
 from distill.options import LAUNCHERS
 from distill.cell.results import is_completed, read_metrics
+from distill.cell import fingerprints as inputs
 from distill.config import CONF_DIR, compose
+from distill.report.write import build_report
 
 RECIPE_DIR = CONF_DIR / "recipe"
 SFT_STAGES = ("teacher", "student")
@@ -123,8 +125,6 @@ def cell_configs(overrides: list[str], cells: list[list[str]]) -> list:
 def locate(cfg) -> Path | None:
     """The run dir `distill-train` will give `cfg` (its signature includes its input files' fingerprints,
     distill.inputs), or None while an input does not exist yet (a previous stage's export, the data)."""
-    from distill.cell import fingerprints as inputs
-
     try:
         return inputs.locate(cfg)[0]
     except Exception:  # noqa: BLE001 (any unreadable input: the stage is simply not known to be done)
@@ -242,8 +242,6 @@ def run_pipeline(recipe: str, root: str | os.PathLike, *, overrides: list[str] =
                                 hydra_overrides=hydra_overrides, baseline_grid=list(baseline_grid))
             if t[0] in GRID_STAGES]
     failure = _run_stages(todo, stages, log)
-    from distill.report.summary import build_report
-
     report = build_report(stages["distill"].sweep_dir)
     log(f"\n== report: {', '.join(str(p) for p in report.values())}")
     if failure is not None:

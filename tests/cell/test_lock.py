@@ -48,7 +48,7 @@ def test_acquire_release_and_the_record(tmp_path, monkeypatch):
 
 def test_busy_names_the_holder(tmp_path, monkeypatch):
     # the holder's SLURM job is alive: whether or not a SLURM runs here (CI starts one), scontrol must not decide
-    monkeypatch.setattr(locks, "_slurm_job_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(locks, "slurm_job_state", lambda job_id: "RUNNING")
     _plant(tmp_path, host="node17", pid=999, slurm={"job_id": "123"})
     with pytest.raises(CellBusy, match=r"being run by host node17 pid 999 \(SLURM job 123\), heartbeat \d+ s ago"):
         CellLock(tmp_path).acquire(wait_s=0)
