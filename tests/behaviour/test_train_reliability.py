@@ -28,6 +28,7 @@ from distill.files import atomic_write_json
 from distill.train import run as train_mod
 from distill.options import CellBusy, CheckpointError, ConfigError, InputError
 from distill.cell.preemption import Interrupted
+from distill.train.prepare import load_data_and_tokenizer
 from distill.train.run import run_cell
 
 FAST = ["eval.max_examples=2"]
@@ -315,8 +316,6 @@ def test_a_corrupt_safetensors_file_is_one_line(smoke_cfg, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = smoke_cfg()
-    from distill.train.run import load_data_and_tokenizer
-
     _, tok = load_data_and_tokenizer(cfg)
     teacher = tmp_path / "teacher"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tok))).save_pretrained(teacher)
