@@ -33,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from distill.options import JOB_TYPES, WANDB_MODES
-from distill.tracking import offline as wandb_offline
 from distill.cell.identity import float_fields
+from distill.files import atomic_write_text
+from distill.options import JOB_TYPES, WANDB_MODES
 from distill.secrets import redact
+from distill.tracking import offline as wandb_offline
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,6 @@ def _scalar(value: Any) -> Any:
 def truncate_log(path: Path, step: int) -> None:
     """Keep the records of steps <= `step` in a local JSONL log (atomically): a resumed attempt redoes the
     steps after its checkpoint, and each step must be logged once. Unparseable lines (a torn last line) go."""
-    from distill.files import atomic_write_text
-
     path = Path(path)
     if not path.exists():
         return
