@@ -2,20 +2,18 @@
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from distill.sweep import demo as demo
 from distill.sweep import pipeline as pipeline
 from tests.conftest import compose
 
 
-def test_demo_recipe_composes_the_demo_presets_exactly(tmp_path):
-    """The recipe's stages are the former experiment presets: the same configs, so the same cells and results."""
-    from omegaconf import OmegaConf
-
-    pairs = [(["recipe=demo/teacher"], ["experiment=[demo,teacher,demo_teacher]", "sweep_name=demo-prep"]),
-             (["recipe=demo/student"], ["experiment=[demo,demo_student]", "sweep_name=demo-prep"]),
-             (["recipe=demo/distill"], ["+sweep=demo"])]
-    for new, old in pairs:
-        assert OmegaConf.to_container(compose(new), resolve=True) == OmegaConf.to_container(compose(old), resolve=True)
+def test_the_demo_sweep_file_is_the_demo_recipes_grid_stage():
+    """`+sweep=demo` names the recipe's third stage: the same config, so the same cells (the prep stages'
+    signatures are pinned in tests/cell/test_golden_signatures.py)."""
+    assert OmegaConf.to_container(compose(["recipe=demo/distill"]), resolve=True) == \
+        OmegaConf.to_container(compose(["+sweep=demo"]), resolve=True)
 
 
 def test_distill_demo_runs_the_demo_recipe_locally(tmp_path, monkeypatch, capsys):

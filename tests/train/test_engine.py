@@ -134,8 +134,8 @@ def lrs(warmup: int, steps: int, min_ratio: float, peak: float = 1e-3) -> list[f
     (20, 300, 0.1),   # trainer=cpu
     (100, 300, 0.1),  # trainer=gpu's warmup
     (10, 150, 0.1),   # experiment=demo
-    (40, 800, 0.1),   # demo_teacher
-    (20, 300, 0.1),   # demo_student
+    (40, 800, 0.1),   # recipe=demo/teacher
+    (20, 300, 0.1),   # recipe=demo/student
     (1, 6, 0.1),      # experiment=smoke
     (0, 50, 0.0),     # no warmup, decay to zero
     (5, 5, 0.3),      # warmup as long as training
