@@ -28,6 +28,12 @@ from distill.evaluation.gradients import (DEFAULT_TAUS, OUTPUT_NAMES, parse_obje
 from distill.options import DIVERGENCES
 from distill.sweep.demo import prep_model_dirs
 
+EXAMPLES = """examples:
+  distill-analyze --demo                                  # distill-demo's teacher and SFT warm start
+  distill-analyze --demo --demo-cell rkl-tau1-s0          # the same teacher and a distilled cell of the demo
+  distill-analyze --teacher T --student S --data test.jsonl --tokenizer T --taus 1,2,4 --out outputs/analysis
+"""
+
 def _data_defaults(name: str) -> dict[str, Any]:
     """template / lengths (and, for the embedded suite, its generator) from conf/data/<name>.yaml."""
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / f"{name}.yaml"), resolve=True)
@@ -79,7 +85,7 @@ def _max_positions(model: torch.nn.Module) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="distill-analyze",
+        prog="distill-analyze", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Share of each divergence's gradient on the teacher's non-dominant tokens vs the "
                     "distillation temperature tau; writes grad_analysis.{csv,md,png}.")
     p.add_argument("--demo", nargs="?", const=os.environ.get("DISTILL_OUTPUT", "outputs"), default=None, metavar="ROOT",

@@ -27,6 +27,11 @@ from distill.config import compose
 from distill.sweep.pipeline import locate, plan, run_pipeline, train_command
 
 RECIPE = "demo"
+EXAMPLES = """examples:
+  distill-demo                          # the study under ./outputs (or $DISTILL_OUTPUT); reruns skip what is done
+  distill-demo --root /scratch/demo     # somewhere else
+  distill-demo --scale ci               # the same pipeline at smoke size (the end-to-end check)
+"""
 # Scale presets: overrides for every stage (experiment presets go on top of the recipe) and the grid.
 SCALES = {
     "full": {"overrides": [], "grid": [], "baseline_grid": []},
@@ -65,7 +70,8 @@ def stage(title: str, overrides: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point `distill-demo`."""
-    parser = argparse.ArgumentParser(prog="distill-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="distill-demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--root", default=os.environ.get("DISTILL_OUTPUT", "outputs"),
                         help="output root (default: $DISTILL_OUTPUT or ./outputs)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full",

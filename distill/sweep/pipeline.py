@@ -42,6 +42,12 @@ from distill.report.write import build_report
 RECIPE_DIR = CONF_DIR / "recipe"
 SFT_STAGES = ("teacher", "student")
 GRID_STAGES = ("distill", "baseline")  # launched together once the SFT exports exist
+EXAMPLES = """examples:
+  distill-pipeline demo                                    # the embedded demo (what distill-demo runs)
+  distill-pipeline demo --grid divergence=fkl,rkl,jsd      # the demo with JSD in its grid
+  distill-pipeline gpt2-xl_gpt2 --dry-run                  # where every stage lives, what would run
+  distill-pipeline gpt2-xl_gpt2 data.dir=/data/minillm --launcher slurm hydra.launcher.partition=gpu
+"""
 
 
 def recipes() -> list[str]:
@@ -283,7 +289,7 @@ def _run_stages(todo: list[tuple[str, list[str]]], stages: dict[str, StagePlan],
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="distill-pipeline", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="recipes: " + ", ".join(recipes()))
+                                     epilog=EXAMPLES + "\nrecipes: " + ", ".join(recipes()))
     parser.add_argument("recipe", help="a dir of conf/recipe/ (e.g. demo, gpt2-xl_gpt2)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     parser.add_argument("--root", default=os.environ.get("DISTILL_OUTPUT", "outputs"),
