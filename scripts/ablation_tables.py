@@ -1,11 +1,13 @@
-"""The README's ablation tables (issue 17) from the cells of `sweeps/demo_ablation.yaml`, as markdown.
+"""The ablation tables (issue 17) from the cells of `sweeps/demo_ablation.yaml`, as markdown.
 
-    python scripts/ablation_tables.py outputs/demo outputs/demo_ablation > docs/demo_ablation.md
+    python scripts/ablation_tables.py outputs/demo outputs/demo_ablation > docs/results/demo_ablation.md
 
-Every completed cell of the given sweep dirs counts once (`distill.report.scan_sweep` + `dedupe`: the demo's
-150-step cells and their ablation twins share a signature). A τ = 1 cell stands for both τ² settings (the
-factor is 1 there). Comparisons are paired by training seed: the mean difference, its 95% CI from the t
-distribution (`distill.stats.paired_test`), resolved when the CI excludes 0. Prints:
+(docs/results/ablation.md cites the tables.) Every completed cell of the given sweep dirs counts once
+(`distill.report.records.scan_sweep` + `dedupe`: the demo's 150-step cells and their ablation twins share a
+signature). A τ = 1 cell stands for both τ² settings (the factor is 1 there). Comparisons are paired by
+training seed: the mean difference, its 95% CI from the t distribution
+(`distill.report.statistics.paired_test`), resolved when the CI excludes 0. Numbers and tables are written
+as in the report (`distill.report.tables`). Prints:
 
 1. ROUGE-L means over training seeds: budget x objective x τ² (rows) by τ (columns), a table per benchmark;
 2. every objective at τ > 1 minus RKL at τ = 1 (the ablation's question), with the resolved ones listed;
@@ -21,8 +23,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from distill.report.summary import dedupe, scan_sweep
+from distill.cell.results import COMPLETED
+from distill.report.records import dedupe, scan_sweep
+from distill.report.statistics import mean as mean_of
 from distill.report.statistics import paired_test
+from distill.report.tables import interval, markdown_table, number
 
 BENCHMARKS = ("test", "shift_wording", "shift_long")
 OBJECTIVES = ("fkl", "rkl", "jsd")
@@ -35,7 +40,7 @@ def load(sweep_dirs: list[Path]) -> Scores:
     cells = dedupe([c for d in sweep_dirs for c in scan_sweep(d)])
     out: Scores = defaultdict(dict)
     for c in cells:
-        if c.status != "completed":
+        if c.status != COMPLETED:
             continue
         cell, m = c.metrics["cell"], c.metrics
         if cell.get("kd_ratio") == 0.0:
@@ -52,7 +57,7 @@ def load(sweep_dirs: list[Path]) -> Scores:
 def mean(scores: Scores, key: tuple, bench: str) -> float | None:
     seeds = scores.get(key, {})
     vals = [s[bench] for s in seeds.values() if bench in s]
-    return sum(vals) / len(vals) if vals else None
+    return mean_of(vals) if vals else None
 
 
 def diff(scores: Scores, a: tuple, b: tuple, bench: str):
@@ -64,9 +69,15 @@ def diff(scores: Scores, a: tuple, b: tuple, bench: str):
 
 
 def fmt_test(t) -> str:
+    """'+5.1 [+4.2, +6.0] resolved': the mean difference, its 95% CI and whether it excludes 0."""
     if math.isnan(t.ci_low):  # every seed gave the same difference (e.g. identical cells): no interval, no claim
-        return f"{t.mean:+.1f} on every seed"
-    return f"{t.mean:+.1f} [{t.ci_low:+.1f}, {t.ci_high:+.1f}] {'resolved' if t.resolved else 'not resolved'}"
+        return f"{number(t.mean, '+.1f')} on every seed"
+    return f"{number(t.mean, '+.1f')} {interval(t.ci_low, t.ci_high)} {'resolved' if t.resolved else 'not resolved'}"
+
+
+def fmt_mean_diff(t) -> str:
+    """'+2.9*': the mean difference, starred when resolved."""
+    return f"{number(t.mean, '+.1f')}{'*' if resolved(t) else ''}"
 
 
 def resolved(t) -> int:
@@ -80,23 +91,27 @@ def axes(scores: Scores) -> tuple[list[float], list[int]]:
     return taus, budgets
 
 
+def on_off(sq: bool) -> str:
+    return "on" if sq else "off"
+
+
 def means_tables(scores: Scores) -> list[str]:
     taus, budgets = axes(scores)
     lines = []
     for bench in BENCHMARKS:
-        lines += [f"\n#### {bench}: ROUGE-L, mean over training seeds (n per cell in the report)\n",
-                  "| budget | objective | τ² | " + " | ".join(f"τ={t:g}" for t in taus) + " |",
-                  "|---:|---|---|" + "---:|" * len(taus)]
+        rows = []
         for steps in budgets:
             for div in OBJECTIVES:
                 for sq in (True, False):
                     row = [mean(scores, (div, t, sq, steps), bench) for t in taus]
                     if any(v is not None for v in row):
-                        cells = " | ".join("–" if v is None else f"{v:.1f}" for v in row)
-                        lines.append(f"| {steps} | {div} | {'on' if sq else 'off'} | {cells} |")
+                        rows.append([steps, div, on_off(sq), *("–" if v is None else number(v, ".1f") for v in row)])
             sft = mean(scores, ("sft", None, None, steps), bench)
-            if sft is not None:
-                lines.append(f"| {steps} | sft | – | {sft:.1f} (every τ) |" + " |" * (len(taus) - 1))
+            if sft is not None:   # one value for every τ column
+                rows.append([steps, "sft", "–", f"{number(sft, '.1f')} (every τ)", *[None] * (len(taus) - 1)])
+        lines += [f"\n#### {bench}: ROUGE-L, mean over training seeds (n per cell in the report)\n",
+                  *markdown_table(["budget", "objective", "τ²", *(f"τ={number(t)}" for t in taus)], rows,
+                                  align="rll" + "r" * len(taus))]
     return lines
 
 
@@ -115,21 +130,19 @@ def versus_rkl_at_1(scores: Scores) -> list[str]:
                             continue
                         counts[resolved(t)] += 1
                         if resolved(t) > 0:
-                            rows.append(f"| {steps} | {div} | {tau:g} | {'on' if sq else 'off'} | {bench} | {fmt_test(t)} |")
+                            rows.append([steps, div, number(tau), on_off(sq), bench, fmt_test(t)])
     lines = ["\n#### X at τ > 1 − RKL at τ = 1, paired by training seed\n",
              f"{sum(counts.values())} comparisons: {counts[1]} resolved in X's favour, {counts[-1]} resolved in RKL "
              f"τ = 1's favour, {counts[0]} not resolved (95% CI includes 0)."]
     if rows:
-        lines += ["", "| budget | X | τ | τ² | benchmark | X − RKL τ=1 |", "|---:|---|---:|---|---|---|", *rows]
+        lines += ["", *markdown_table(["budget", "X", "τ", "τ²", "benchmark", "X − RKL τ=1"], rows, align="rlr")]
     return lines
 
 
 def tau_squared_effect(scores: Scores) -> list[str]:
     """τ² on − off per objective, τ > 1, budget and benchmark."""
     taus, budgets = axes(scores)
-    lines = ["\n#### τ² on − off, paired by training seed\n",
-             "| budget | objective | τ | " + " | ".join(BENCHMARKS) + " |", "|---:|---|---:|" + "---|" * len(BENCHMARKS)]
-    counts = defaultdict(int)
+    rows, counts = [], defaultdict(int)
     for steps in budgets:
         for div in OBJECTIVES:
             for tau in (t for t in taus if t > 1):
@@ -139,11 +152,11 @@ def tau_squared_effect(scores: Scores) -> list[str]:
                 for t in tests:
                     if t is not None:
                         counts[resolved(t)] += 1
-                lines.append(f"| {steps} | {div} | {tau:g} | " + " | ".join("–" if t is None else fmt_test(t)
-                                                                          for t in tests) + " |")
-    lines.append(f"\n{sum(counts.values())} comparisons: {counts[1]} resolved for τ² on, {counts[-1]} for τ² off, "
-                 f"{counts[0]} not resolved.")
-    return lines
+                rows.append([steps, div, number(tau), *("–" if t is None else fmt_test(t) for t in tests)])
+    return ["\n#### τ² on − off, paired by training seed\n",
+            *markdown_table(["budget", "objective", "τ", *BENCHMARKS], rows, align="rlr"),
+            f"\n{sum(counts.values())} comparisons: {counts[1]} resolved for τ² on, {counts[-1]} for τ² off, "
+            f"{counts[0]} not resolved."]
 
 
 def budget_effect(scores: Scores) -> list[str]:
@@ -152,22 +165,19 @@ def budget_effect(scores: Scores) -> list[str]:
     if len(budgets) < 2:
         return []
     lo, hi = budgets[0], budgets[-1]
-    lines = [f"\n#### {hi} − {lo} steps, paired by training seed (mean difference; * resolved)\n",
-             "| objective | τ² | " + " | ".join(f"τ={t:g}" for t in taus) + " | benchmark |",
-             "|---|---|" + "---:|" * len(taus) + "---|"]
+    rows = []
     for bench in BENCHMARKS:
         for div in OBJECTIVES:
             for sq in (True, False):
                 tests = [diff(scores, (div, t, sq, hi), (div, t, sq, lo), bench) for t in taus]
-                if all(t is None for t in tests):
-                    continue
-                cells = " | ".join("–" if t is None else f"{t.mean:+.1f}{'*' if resolved(t) else ''}" for t in tests)
-                lines.append(f"| {div} | {'on' if sq else 'off'} | {cells} | {bench} |")
+                if not all(t is None for t in tests):
+                    rows.append([div, on_off(sq), *("–" if t is None else fmt_mean_diff(t) for t in tests), bench])
         t = diff(scores, ("sft", None, None, hi), ("sft", None, None, lo), bench)
-        if t is not None:
-            lines.append(f"| sft | – | {t.mean:+.1f}{'*' if resolved(t) else ''} (every τ) |" + " |" * (len(taus) - 1)
-                         + f" {bench} |")
-    return lines
+        if t is not None:   # one value for every τ column
+            rows.append(["sft", "–", f"{fmt_mean_diff(t)} (every τ)", *[None] * (len(taus) - 1), bench])
+    return [f"\n#### {hi} − {lo} steps, paired by training seed (mean difference; * resolved)\n",
+            *markdown_table(["objective", "τ²", *(f"τ={number(t)}" for t in taus), "benchmark"], rows,
+                            align="ll" + "r" * len(taus))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""scripts/ablation_tables.py: the README's ablation tables from cells' metrics.json, on a synthetic sweep."""
+"""scripts/ablation_tables.py: docs/results/ablation.md's tables from cells' metrics.json, on a synthetic sweep."""
 
 from __future__ import annotations
 

@@ -41,7 +41,6 @@ distributions flatten towards uniform.
 """
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,6 +55,7 @@ from distill.data.encoding import response_mask
 from distill.losses.divergences import align_vocab, divergence_per_token
 from distill.options import DIVERGENCES
 from distill.files import atomic_write_bytes
+from distill.report.tables import csv_table, markdown_table, number
 
 DEFAULT_TAUS = (0.5, 1.0, 2.0, 4.0, 8.0)
 COLUMNS = ("objective", "tau", "topk", "n_positions", "n_zero", "share", "cos_tau1", "norm_ratio",
@@ -249,23 +249,14 @@ def response_logits(teacher: torch.nn.Module, student: torch.nn.Module,
 
 # ----------------------------------------------------------------------------- outputs
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     """The table as CSV text (full float precision)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
-    return buf.getvalue()
+    return csv_table(COLUMNS, ([r[k] for k in COLUMNS] for r in rows))
 
 
 def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Gradient analysis") -> str:
-    """The table as a Markdown document with a legend of the columns."""
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r[k]) for k in COLUMNS) + " |\n" for r in rows)
+    """The table as a Markdown document (floats to 4 significant digits) with a legend of the columns."""
+    table = "\n".join(markdown_table(COLUMNS, ([number(r[k], ".4g") for k in COLUMNS] for r in rows))) + "\n"
     legend = (
         "\nMeans over response positions. G = dD_tau/dS (student logits), no tau^2.\n"
         "share = ||G_rest||/||G||, share_sq = ||G_rest||^2/||G||^2 (rest = outside the teacher's top-k; "
@@ -276,7 +267,7 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], title: str = "Gradient ana
         "teacher_tail / student_tail = mass of p_tau / q_tau outside the teacher's top-k; "
         "grad_norm = ||G||, grad_norm_tau2 = tau^2 ||G||.\n"
     )
-    return f"# {title}\n\n{head}{body}{legend}"
+    return f"# {title}\n\n{table}{legend}"
 
 
 def plot_png(rows: Sequence[Mapping[str, Any]], title: str = "") -> bytes:

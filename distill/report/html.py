@@ -1,17 +1,18 @@
 """`report.html`: the sweep as an offline dashboard, one self-contained file (plotly.js inlined, no network).
 
-Written by `distill.report.write_report` beside report.md, so it is rebuilt after every cell. It shows:
+Written by `distill.report.write.write_report` beside report.md, so it is rebuilt after every cell. It shows:
 
 - ROUGE-L vs tau, one panel per benchmark: one line per objective (mean ± std over training seeds,
   as in report.md), each training seed's score as a point, the teacher and the SFT warm start as
-  reference lines (`distill.report.references`); objectives toggle with the checkboxes or the legend;
+  reference lines (`distill.report.records.references`); objectives toggle with the checkboxes or the legend;
 - FKL - RKL vs tau per benchmark (paired by training seed, ± std), with the zero line;
 - the table of cells with their status; a click on a row opens the cell: its train and validation
   curves (from train_log.jsonl), its final validation CE / FKL / RKL at tau = 1, and sample
   generations with their ROUGE-L.
 
 `distill-dashboard html SWEEP_DIR` rebuilds it (with the rest of the report); `distill-dashboard wandb
-SWEEP_DIR --project P` builds the W&B Report of the same sweep (`distill.wandb_report`).
+SWEEP_DIR --project P` builds the W&B Report of the same sweep (`distill.report.wandb`). plotly is imported
+inside the functions that draw (it is heavy).
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from distill.options import OBJECTIVE_ORDER, SFT
-from distill.report.summary import FINISHED, Cell, Objective, Reference, Summary, _fmt_value, objectives
+from distill.options import SFT
+from distill.cell.results import COMPLETED, read_generations
+from distill.report.records import CellResult, Reference
+from distill.report.render import COLOUR_ORDER, Y_TITLE
+from distill.report.summary import Objective, Summary, objectives
+from distill.report.tables import number
 
 GENERATIONS_SHOWN = 5   # examples per benchmark in a cell's drill-down (first eval seed)
-# matplotlib's tab10, the PNG's colours: one fixed colour per divergence across reports (sft last)
+# matplotlib's tab10, the PNG's colours: one fixed colour per divergence across reports (render.COLOUR_ORDER)
 TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 REF_STYLE = (("#333333", "dash"), ("#777777", "dot"), ("#999999", "dashdot"))
-Y_TITLE = "ROUGE-L F1 x 100"
 
 
 def _colour(obj: Objective, i: int) -> str:
-    order = OBJECTIVE_ORDER[1:] + OBJECTIVE_ORDER[:1]
-    return TAB10[(order.index(obj.divergence) if obj.divergence in order else i) % len(TAB10)]
+    return TAB10[(COLOUR_ORDER.index(obj.divergence) if obj.divergence in COLOUR_ORDER else i) % len(TAB10)]
 
 
 def _num(x: float) -> float | None:
@@ -48,63 +51,76 @@ def _grid(n: int) -> tuple[int, int]:
     return math.ceil(max(n, 1) / cols), cols
 
 
+def _objective_traces(go: Any, summary: Summary, bench: str, first: bool) -> list:
+    """Per objective on `bench`: its mean ± std line and its per-seed points (legend on the first panel)."""
+    traces, n = [], len(summary.rows)
+    for i, obj in enumerate(summary.rows):
+        pts = [(t, s) for t in summary.taus if (s := summary.get(bench, obj, t)) and s.n]
+        if not pts:
+            continue
+        jitter = 2 ** (0.03 * (i - (n - 1) / 2))   # error bars at one tau do not hide each other
+        colour = _colour(obj, i)
+        level = obj.divergence == SFT and len({id(s) for _, s in pts}) == 1   # SFT: no tau, one level
+        traces.append(go.Scatter(
+            x=[t * jitter for t, _ in pts], y=[s.mean for _, s in pts],
+            error_y=dict(type="data", array=[_num(s.std) or 0.0 for _, s in pts], visible=True, thickness=1.2),
+            customdata=[[number(t), s.n, "–" if math.isnan(s.std) else f"{s.std:.1f}"] for t, s in pts],
+            hovertemplate=f"<b>{html.escape(obj.label)}</b> τ=%{{customdata[0]}}<br>"
+                          "ROUGE-L %{y:.1f} ± %{customdata[2]} (n=%{customdata[1]} seeds)<extra></extra>",
+            mode="lines+markers", name=obj.label + (" (no τ)" if level else ""), legendgroup=obj.label,
+            showlegend=first, line=dict(color=colour, width=2, dash="dash" if level else "solid"),
+            marker=dict(size=7, color=colour),
+            meta=dict(kind="objective", objective=obj.label, benchmark=bench)))
+        seeds = [(t, seed, v) for t, s in pts for seed, v in s.by_seed.items()]
+        traces.append(go.Scatter(
+            x=[t * jitter for t, _, _ in seeds], y=[v for _, _, v in seeds],
+            customdata=[[number(t), seed] for t, seed, _ in seeds],
+            hovertemplate=f"{html.escape(obj.label)} τ=%{{customdata[0]}} seed %{{customdata[1]}}: "
+                          "%{y:.1f}<extra></extra>",
+            mode="markers", name=f"{obj.label} (seeds)", legendgroup=obj.label, showlegend=False,
+            marker=dict(size=6, color=colour, opacity=0.6, symbol="circle-open", line=dict(width=1.5)),
+            meta=dict(kind="seeds", objective=obj.label, benchmark=bench)))
+    return traces
+
+
+def _reference_traces(go: Any, summary: Summary, refs: Sequence[Reference], benches: Sequence[str], b: int) -> list:
+    """The reference models' levels on panel b (each in the legend once, on the first panel that has it)."""
+    if not summary.taus:
+        return []
+    bench = benches[b]
+    lo, hi = min(summary.taus) / 1.15, max(summary.taus) * 1.15
+    traces = []
+    for k, ref in enumerate(refs):
+        if bench not in ref.scores:
+            continue
+        colour, dash = REF_STYLE[k % len(REF_STYLE)]
+        traces.append(go.Scatter(
+            x=[lo, hi], y=[ref.scores[bench]] * 2, mode="lines", name=ref.label,
+            legendgroup=f"ref:{ref.label}", showlegend=b == 0 or not any(bb in ref.scores for bb in benches[:b]),
+            line=dict(color=colour, dash=dash, width=1.5),
+            hovertemplate=f"{html.escape(ref.label)}: %{{y:.1f}}<extra></extra>",
+            meta=dict(kind="reference", reference=ref.label, benchmark=bench)))
+    return traces
+
+
 def rouge_figure(summary: Summary, refs: Sequence[Reference]):
     """ROUGE-L vs tau per benchmark: a mean ± std line and the per-seed points of each objective.
 
     Every trace carries `meta` = {kind: objective|seeds|reference, objective|reference, benchmark}
     (the page's toggles and the tests find traces by it).
     """
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # plotly is heavy: only when a dashboard is drawn
     from plotly.subplots import make_subplots
 
     benches = summary.benchmarks or ["(no completed cells)"]
     rows, cols = _grid(len(benches))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=benches, horizontal_spacing=0.06,
                         vertical_spacing=0.16)
-    n = len(summary.rows)
     for b, bench in enumerate(benches):
-        r, c = b // cols + 1, b % cols + 1
-        for i, obj in enumerate(summary.rows):
-            pts = [(t, s) for t in summary.taus if (s := summary.get(bench, obj, t)) and s.n]
-            if not pts:
-                continue
-            jitter = 2 ** (0.03 * (i - (n - 1) / 2))   # error bars at one tau do not hide each other
-            colour = _colour(obj, i)
-            level = obj.divergence == SFT and len({id(s) for _, s in pts}) == 1   # SFT: no tau, one level
-            fig.add_trace(go.Scatter(
-                x=[t * jitter for t, _ in pts], y=[s.mean for _, s in pts],
-                error_y=dict(type="data", array=[_num(s.std) or 0.0 for _, s in pts], visible=True, thickness=1.2),
-                customdata=[[_fmt_value(t), s.n, "–" if math.isnan(s.std) else f"{s.std:.1f}"] for t, s in pts],
-                hovertemplate=f"<b>{html.escape(obj.label)}</b> τ=%{{customdata[0]}}<br>"
-                              "ROUGE-L %{y:.1f} ± %{customdata[2]} (n=%{customdata[1]} seeds)<extra></extra>",
-                mode="lines+markers", name=obj.label + (" (no τ)" if level else ""), legendgroup=obj.label,
-                showlegend=b == 0, line=dict(color=colour, width=2, dash="dash" if level else "solid"),
-                marker=dict(size=7, color=colour),
-                meta=dict(kind="objective", objective=obj.label, benchmark=bench)), row=r, col=c)
-            seeds = [(t, seed, v) for t, s in pts for seed, v in s.by_seed.items()]
-            fig.add_trace(go.Scatter(
-                x=[t * jitter for t, _, _ in seeds], y=[v for _, _, v in seeds],
-                customdata=[[_fmt_value(t), seed] for t, seed, _ in seeds],
-                hovertemplate=f"{html.escape(obj.label)} τ=%{{customdata[0]}} seed %{{customdata[1]}}: "
-                              "%{y:.1f}<extra></extra>",
-                mode="markers", name=f"{obj.label} (seeds)", legendgroup=obj.label, showlegend=False,
-                marker=dict(size=6, color=colour, opacity=0.6, symbol="circle-open", line=dict(width=1.5)),
-                meta=dict(kind="seeds", objective=obj.label, benchmark=bench)), row=r, col=c)
-        if summary.taus:
-            lo, hi = min(summary.taus) / 1.15, max(summary.taus) * 1.15
-            for k, ref in enumerate(refs):
-                if bench not in ref.scores:
-                    continue
-                colour, dash = REF_STYLE[k % len(REF_STYLE)]
-                fig.add_trace(go.Scatter(
-                    x=[lo, hi], y=[ref.scores[bench]] * 2, mode="lines", name=ref.label,
-                    legendgroup=f"ref:{ref.label}", showlegend=b == 0 or not any(
-                        bb in ref.scores for bb in benches[:b]),
-                    line=dict(color=colour, dash=dash, width=1.5),
-                    hovertemplate=f"{html.escape(ref.label)}: %{{y:.1f}}<extra></extra>",
-                    meta=dict(kind="reference", reference=ref.label, benchmark=bench)), row=r, col=c)
+        for trace in _objective_traces(go, summary, bench, b == 0) + _reference_traces(go, summary, refs, benches, b):
+            fig.add_trace(trace, row=b // cols + 1, col=b % cols + 1)
     fig.update_xaxes(type="log", title_text="distillation temperature τ (log scale)",
-                     tickvals=summary.taus, ticktext=[_fmt_value(t) for t in summary.taus])
+                     tickvals=summary.taus, ticktext=[number(t) for t in summary.taus])
     fig.update_yaxes(title_text=Y_TITLE)
     fig.update_layout(height=380 * rows + 90, margin=dict(t=60, l=60, r=20, b=60), template="plotly_white",
                       legend=dict(orientation="h", y=-0.18 if rows == 1 else -0.08), hovermode="closest")
@@ -113,7 +129,7 @@ def rouge_figure(summary: Summary, refs: Sequence[Reference]):
 
 def difference_figure(summary: Summary):
     """FKL - RKL vs tau, paired by training seed, one line per (benchmark, FKL/RKL pair); None if no pair."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # plotly is heavy: only when a dashboard is drawn
 
     pairs = summary.fkl_rkl_pairs()
     if not pairs or not summary.taus:
@@ -128,14 +144,14 @@ def difference_figure(summary: Summary):
             fig.add_trace(go.Scatter(
                 x=[t for t, _ in diffs], y=[d.mean for _, d in diffs],
                 error_y=dict(type="data", array=[_num(d.std) or 0.0 for _, d in diffs], visible=True),
-                customdata=[[_fmt_value(t), d.n] for t, d in diffs],
+                customdata=[[number(t), d.n] for t, d in diffs],
                 hovertemplate=f"{html.escape(bench)} τ=%{{customdata[0]}}: FKL − RKL %{{y:+.1f}} "
                               "(%{customdata[1]} paired seeds)<extra></extra>",
                 mode="lines+markers", name=f"{bench}{suffix}", line=dict(color=TAB10[b % len(TAB10)]),
                 meta=dict(kind="difference", benchmark=bench)))
     fig.add_hline(y=0, line=dict(color="#999999", width=1))
     fig.update_xaxes(type="log", title_text="distillation temperature τ (log scale)",
-                     tickvals=summary.taus, ticktext=[_fmt_value(t) for t in summary.taus])
+                     tickvals=summary.taus, ticktext=[number(t) for t in summary.taus])
     fig.update_yaxes(title_text="FKL − RKL, ROUGE-L points")
     fig.update_layout(height=380, margin=dict(t=30, l=60, r=20, b=50), template="plotly_white")
     return fig
@@ -158,7 +174,7 @@ def read_train_log(path: Path) -> dict[int, dict[str, float]]:
 
 def curves_figure(steps: dict[int, dict[str, float]]):
     """A cell's training losses and teacher-forced validation metrics vs step; None without a log."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # plotly is heavy: only when a dashboard is drawn
     from plotly.subplots import make_subplots
 
     panels = (("train", ("train/loss", "train/kd", "train/ce")), ("valid", ("valid/ce", "valid/fkl", "valid/rkl")))
@@ -185,8 +201,6 @@ def _esc(x: Any) -> str:
 
 
 def _generations_html(cell_dir: Path, benches: Sequence[str]) -> str:
-    from distill.evaluation.generate import read_generations
-
     parts = []
     for bench in benches:
         lines = read_generations(cell_dir / "generations", bench)
@@ -216,7 +230,7 @@ def _valid_html(metrics: dict) -> str:
             "comparable across objectives and temperatures.</p>")
 
 
-def cell_views(cells: Sequence[Cell], benches: Sequence[str], root: Path | None) -> list[dict[str, Any]]:
+def cell_views(cells: Sequence[CellResult], benches: Sequence[str], root: Path | None) -> list[dict[str, Any]]:
     """One entry per cell for the table and its drill-down: row fields, curves figure, HTML blocks."""
     labels = {d: o.label for d, o in objectives(cells).items()}
     views = []
@@ -249,7 +263,7 @@ def _table_html(views: Sequence[dict], benches: Sequence[str]) -> str:
         body.append(
             f"<tr class='cell-row' data-cell='{v['id']}' tabindex='0' title='click: curves and generations'>"
             f"<td>{_esc(v['dir'])}</td><td><span class='status {_esc(v['status'])}'>{_esc(v['status'])}</span></td>"
-            f"<td>{_esc(v['objective'])}</td><td class='num'>{'' if v['tau'] is None else _esc(_fmt_value(float(v['tau'])))}</td>"
+            f"<td>{_esc(v['objective'])}</td><td class='num'>{'' if v['tau'] is None else _esc(number(float(v['tau'])))}</td>"
             f"<td class='num'>{_esc(v['seed'])}</td>{scores}"
             f"<td class='num'>{'' if fkl is None else f'{fkl:.4f}'}</td><td class='num'>{'' if rkl is None else f'{rkl:.4f}'}</td>"
             f"<td class='num'>{_esc(v['last_step'])}</td><td>{_esc(v['updated'])}</td></tr>")
@@ -318,7 +332,7 @@ _JS = """
 
 
 def _json_for_script(obj: Any) -> str:
-    import plotly.io as pio
+    import plotly.io as pio  # plotly is heavy: only when a dashboard is drawn
 
     # `</` would end the <script> element early
     return pio.to_json(obj, validate=False).replace("</", "<\\/").replace("<!--", "<\\!--")
@@ -326,7 +340,7 @@ def _json_for_script(obj: Any) -> str:
 
 def render_html(summary: Summary, sweep: str, refs: Sequence[Reference], root: Path | None) -> str:
     """The dashboard page for these cells (`root`: the sweep dir holding the cell dirs, or None)."""
-    import plotly.offline
+    import plotly.offline  # plotly is heavy: only when a dashboard is drawn
 
     benches = summary.benchmarks
     views = cell_views(summary.cells, benches, root)
@@ -337,7 +351,7 @@ def render_html(summary: Summary, sweep: str, refs: Sequence[Reference], root: P
     counts: dict[str, int] = {}
     for c in summary.cells:
         counts[c.status] = counts.get(c.status, 0) + 1
-    status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] != FINISHED))
+    status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: kv[0] != COMPLETED))
     toggles = "".join(f"<label><input type='checkbox' class='objective-toggle' value='{_esc(o.label)}' checked> "
                       f"{_esc(o.label)}</label>" for o in summary.rows)
     refs_line = "; ".join(f"{_esc(r.label)} = cell {_esc(Path(r.cell_dir).name)}" for r in refs) or "none found"

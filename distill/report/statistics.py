@@ -3,6 +3,7 @@
 A sweep compares objectives trained from the same training seeds, so every comparison is paired
 by training seed: the unit of evidence is the per-seed difference d_i = a_i - b_i.
 
+- `mean`, `sample_std` an entry's mean and spread over training seeds (plain Python, ddof=1).
 - `paired_test`      mean difference, 95% CI from the t distribution with n-1 df (scipy's
                      `ttest_1samp(d).confidence_interval`, identical to `ttest_rel(a, b)`), its p-value,
                      and beside it a paired bootstrap CI (`scipy.stats.bootstrap`, BCa, resampling the
@@ -35,6 +36,19 @@ POWER = 0.8
 ALPHA = 0.05
 MAX_SEEDS = 1000           # beyond this, "more than 1000" (a difference this small is not worth seeds)
 T_TEST = "paired t"
+
+
+def mean(xs: Sequence[float]) -> float:
+    """The plain mean (a sum in order, so the same seeds give the same digits); nan for no values."""
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def sample_std(xs: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1); nan for fewer than two values."""
+    if len(xs) < 2:
+        return math.nan
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The W&B side of a sweep's dashboard: a W&B Report built in code, and the per-sweep summary run.
+"""Everything W&B on the report side: the sweep's W&B Report built in code, the per-sweep summary run, and
+reading a sweep's cells back from the W&B API (`distill-report --wandb`).
 
 `distill-dashboard wandb SWEEP_DIR --project P` logs the sweep's report (table + plot + the ROUGE-L
 and FKL - RKL tables) to the sweep's summary run, then builds the Report with `wandb-workspaces`:
@@ -21,24 +22,26 @@ uses) draws it.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from distill.report.summary import FINISHED, SUMMARY_JOB_TYPE, Summary, _fmt_value, build_report, scan_sweep
-from distill.files import atomic_write_text
+from distill.cell.identity import cell_identity
+from distill.cell.results import COMPLETED, SCHEMA_VERSION
+from distill.report.records import CELL_DIR_RE, CellResult, dedupe
+from distill.report.render import Y_TITLE
+from distill.report.summary import Summary
+from distill.tracking import offline as wandb_offline
+from distill.tracking.wandb_run import EVAL_NAMES, _use_own_wandb_service
 from distill.tracking.wandb_run import run_id as cell_run_id
 
-log = logging.getLogger(__name__)
-
 SPEC_FILE = "wandb_report.json"
+SUMMARY_JOB_TYPE = "sweep-report"   # W&B job_type of the per-sweep summary run
 TRAIN_CURVES = ("train/loss", "train/kd", "train/ce")
 VALID_CURVES = ("valid/ce", "valid/fkl", "valid/rkl")
-Y_TITLE = "ROUGE-L F1 x 100"
 
 
 def summary_run_id(sweep: str) -> str:
@@ -53,7 +56,7 @@ def runs_filter(sweep: str, job_type: str) -> str:
 
 def build_wandb_report(sweep: str, project: str, entity: str, benchmarks: Sequence[str]):
     """The sweep's W&B Report (a `wandb_workspaces.reports.v2.Report`, not saved)."""
-    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.reports.v2 as wr  # optional: only when a W&B Report is built
 
     def runset(name: str, job_type: str, groupby: Sequence[str] = ()):
         return wr.Runset(entity=entity, project=project, name=name, filters=runs_filter(sweep, job_type),
@@ -152,12 +155,7 @@ def log_summary_run(sweep_dir: Path, summary: Summary, sweep: str, project: str,
     files in SWEEP_DIR/wandb like the cells'; each call is one more attempt of that run, at the next step,
     so the latest report is its summary. Returns the run's local dir.
     """
-    import csv
-
-    import wandb
-
-    from distill.tracking import offline as wandb_offline
-    from distill.tracking.wandb_run import _use_own_wandb_service
+    import wandb  # optional and heavy: only when a summary run is logged
 
     _use_own_wandb_service()
     rid = summary_run_id(sweep)
@@ -174,57 +172,66 @@ def log_summary_run(sweep_dir: Path, summary: Summary, sweep: str, project: str,
             data[key] = wandb.Table(columns=columns, data=table_rows)
         run.log(data, step=step)
         run.summary.update({"sweep/cells": len(summary.cells),
-                            "sweep/completed": sum(c.status == FINISHED for c in summary.cells)})
+                            "sweep/completed": sum(c.status == COMPLETED for c in summary.cells)})
         local = os.path.dirname(run.dir)
     finally:
         run.finish()
     return local
 
 
-# ----------------------------------------------------------------------------- CLI (distill-dashboard wandb)
+# ----------------------------------------------------------------------------- cells from W&B
 
-def _online(args) -> bool:
-    """Publish only when asked to be online (WANDB_MODE=online) and logged in; never hang without a key."""
-    if args.offline or os.environ.get("WANDB_MODE", "offline") not in ("online", "run"):
-        return False
-    import wandb
-
-    try:
-        return bool(wandb.Api(timeout=30).api_key)
-    except wandb.errors.UsageError as e:   # "No API key configured"
-        print(f"distill-dashboard: not publishing ({e}); writing the report spec instead", file=sys.stderr)
-        return False
+_WANDB_STATUS = {"finished": COMPLETED, "running": "running", "crashed": "failed", "failed": "failed",
+                 "killed": "failed", "preempted": "running", "pending": "running"}
 
 
-def run(args) -> int:
-    """`distill-dashboard wandb SWEEP_DIR --project P [--entity E]`: summary run, then the Report."""
-    from distill.report.summary import summarize
+def _wandb_eval_keys() -> dict[str, str]:
+    """W&B summary name (distill.tracking.wandb_run) -> metrics.json name, per benchmark."""
+    return {w: m for m, w in EVAL_NAMES.items()}
 
-    sweep_dir = Path(args.sweep_dir)
-    build_report(sweep_dir)                     # report.csv/.png the summary run logs (ValueError if no cells)
-    cells = scan_sweep(sweep_dir)
-    names = {c.metrics.get("sweep") for c in cells if c.metrics and c.metrics.get("sweep")}
-    sweep = names.pop() if len(names) == 1 else sweep_dir.resolve().name
-    summary = summarize(cells)
-    online = _online(args)
-    if not args.no_summary_run:
-        where = log_summary_run(sweep_dir, summary, sweep, args.project, args.entity, "online" if online else "offline")
-        print(f"summary run of sweep {sweep}: {where}")
-    entity = args.entity
-    if online and not entity:
-        import wandb
 
-        entity = wandb.Api(timeout=30).default_entity
-    report = build_wandb_report(sweep, args.project, entity or "", summary.benchmarks)
-    spec_path = Path(args.spec) if args.spec else sweep_dir / SPEC_FILE
-    atomic_write_text(spec_path, json.dumps(report_spec(report), indent=1) + "\n")
-    if online:
-        report.save()
-        print(f"published W&B report: {report.url}")
-    else:
-        print(f"wrote the W&B report spec {spec_path} (W&B is offline). To publish: "
-              f"wandb sync {sweep_dir}/wandb/offline-run-*  then  WANDB_MODE=online distill-dashboard wandb "
-              f"{sweep_dir} --project {args.project}")
-    taus = ", ".join(_fmt_value(t) for t in summary.taus)
-    log.info("report of sweep %s: benchmarks %s, tau %s", sweep, summary.benchmarks, taus)
-    return 0
+def record_from_wandb(run_id: str, state: str, config: dict, summary: dict) -> CellResult:
+    """Rebuild a CellResult from a W&B run's config and summary, as distill.tracking.wandb_run logs them.
+
+    Config: the resolved Hydra config, nested (tau, seed, divergence.name and its params,
+    loss.kd_ratio, ..., model.name, data.name). Summary, one slash scheme: the final
+    `eval/<benchmark>/rougeL` (+ `rougeL_std`, `exact_match`) and `valid/<ce|fkl|rkl>`.
+    """
+    # The run id is the job's `<name>-<signature>` (distill.tracking.wandb_run); the cell block is the job's own.
+    sig = run_id.rsplit("-", 1)[-1] if CELL_DIR_RE.match(run_id) else None
+    cell = cell_identity(config, sig)
+    evals: dict[str, dict] = {}
+    valid: dict[str, float] = {}
+    names = _wandb_eval_keys()
+    for k, v in summary.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue   # tables (eval/<b>/generations), images, ...
+        parts = str(k).split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in names:
+            evals.setdefault(parts[1], {})[names[parts[2]]] = v
+        elif len(parts) == 2 and parts[0] == "valid":
+            valid[parts[1]] = v
+    status = _WANDB_STATUS.get(state, "failed")
+    if status == COMPLETED and not evals:
+        return CellResult(run_id, "unreadable", None, "finished W&B run without eval/<benchmark>/rougeL in its summary")
+    if cell["divergence"] is None or cell["tau"] is None or cell["seed"] is None:
+        return CellResult(run_id, "unreadable", None, "W&B run config lacks divergence.name/tau/seed")
+    metrics = {"schema_version": SCHEMA_VERSION, "status": status, "name": run_id, "cell": cell,
+               "valid": valid, "eval": {b: e for b, e in evals.items() if "rougeL_mean" in e},
+               "updated_at": str(summary.get("_timestamp", ""))}
+    return CellResult(run_id, status, metrics, None if status != "failed" else f"W&B run state '{state}'")
+
+
+def records_from_wandb(path: str, group: str, api: Any = None) -> list[CellResult]:
+    """Cells of one sweep (a W&B group) from the W&B API; needs network and a logged-in key."""
+    if path.count("/") != 1 or not all(path.split("/")):
+        raise ValueError(f"--wandb expects ENTITY/PROJECT, got '{path}'")
+    if api is None:
+        import wandb  # optional and heavy: only when the cells come from W&B
+
+        api = wandb.Api(timeout=30)
+    runs = api.runs(path, filters={"group": group})
+    # the sweep's summary run (job_type sweep-report) holds the report, not a cell
+    cells = [record_from_wandb(r.id, r.state, dict(r.config), dict(r.summary)) for r in runs
+             if getattr(r, "job_type", None) != SUMMARY_JOB_TYPE]
+    return dedupe(cells)

@@ -10,7 +10,7 @@ Enable in the root config:
           _target_: distill.sweep.callbacks.PreemptionCallback
 
 The report includes report.html, the offline dashboard. At the end of a multirun whose cells log to W&B,
-the sweep's report is also logged to the sweep's W&B summary run (distill.wandb_report).
+the sweep's report is also logged to the sweep's W&B summary run (distill.report.wandb).
 
 Hydra skips `on_multirun_end` when any job of the sweep failed, yet a report listing the failed
 cells is exactly what one wants then. So the report is also rebuilt at the end of a job
@@ -28,10 +28,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from distill.cell import preemption as preempt
+from distill.report import wandb as wandb_report
+from distill.report.records import scan_sweep
+from distill.report.summary import summarize
+from distill.report.write import build_report
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +56,6 @@ def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Pa
 
     Returns the path of report.md, or None when nothing was written.
     """
-    from filelock import FileLock, Timeout
-
-    from distill.report.summary import build_report  # matplotlib only when a report is due
-
     root = Path(sweep_dir)
     try:
         with FileLock(str(root / LOCK_FILE), timeout=timeout_s):
@@ -67,10 +71,6 @@ def refresh_report(sweep_dir: str | os.PathLike, timeout_s: float = 300.0) -> Pa
 
 def _sweep_has_failed(sweep_dir: str | os.PathLike, job_return: Any) -> bool:
     """This job failed, or a cell of the sweep dir did (Hydra will then skip on_multirun_end)."""
-    from hydra.core.utils import JobStatus
-
-    from distill.report.summary import scan_sweep
-
     if getattr(job_return, "status", None) == JobStatus.FAILED:
         return True
     return any(c.status == "failed" for c in scan_sweep(sweep_dir))
@@ -95,11 +95,12 @@ class ReportCallback(Callback):
         md = refresh_report(config.hydra.sweep.dir)
         if md is not None:
             log.info("Sweep report: %s (dashboard: report.html)", md)
-            log_summary_run(config)
+            publish_summary_run(config)
 
 
-def log_summary_run(config: DictConfig) -> None:
-    """Log the sweep's report to its W&B summary run, when the cells log to W&B; log (never raise) on failure.
+def publish_summary_run(config: DictConfig) -> None:
+    """Log the sweep's report to its W&B summary run (distill.report.wandb.log_summary_run) when the cells log
+    to W&B; log (never raise) on failure.
 
     Only at the end of a multirun: one summary-run attempt per sweep run, not one per cell. When a cell
     failed, Hydra skips this; `distill-dashboard wandb SWEEP_DIR --project P` logs it then.
@@ -108,20 +109,17 @@ def log_summary_run(config: DictConfig) -> None:
     mode = str(logger.get("mode") or "offline")
     if logger.get("name") != "wandb" or mode == "disabled":
         return
-    from distill.report.summary import scan_sweep, summarize
-    from distill.report.wandb import log_summary_run as log_run
-
     root = Path(config.hydra.sweep.dir)
     try:
-        log_run(root, summarize(scan_sweep(root)), str(config.sweep_name), str(logger.get("project") or "distill"),
-                logger.get("entity"), mode)
+        wandb_report.log_summary_run(root, summarize(scan_sweep(root)), str(config.sweep_name),
+                                     str(logger.get("project") or "distill"), logger.get("entity"), mode)
     except Exception as e:  # the sweep's results are on disk; its W&B summary must not fail the multirun
         log.error("W&B summary run of %s failed: %s: %s (rerun: distill-dashboard wandb %s --project %s)",
                   root, type(e).__name__, e, root, logger.get("project"))
 
 
 class PreemptionCallback(Callback):
-    """Under SLURM, catch SIGTERM and SIGUSR2 from the very start of each job (distill.preempt).
+    """Under SLURM, catch SIGTERM and SIGUSR2 from the very start of each job (distill.cell.preemption).
 
     SLURM signals every task of a job it preempts, requeues, cancels or brings near its time limit, and
     SIGKILLs it `KillWait` seconds later; submitit ignores SIGTERM. From job start until the cell's
@@ -135,15 +133,11 @@ class PreemptionCallback(Callback):
         self._installed = False
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from distill.cell import preemption as preempt
-
         if "SLURM_JOB_ID" in os.environ and not self._installed:
             preempt.STATE.install()
             self._installed = True
 
     def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
-        from distill.cell import preemption as preempt
-
         if self._installed:  # in-process multirun: the next job starts clean
             preempt.STATE.uninstall()
             self._installed = False

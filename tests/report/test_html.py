@@ -1,41 +1,22 @@
-"""report.html (distill.dashboard) and the report's reference lines, on the fixture sweep.
-
-The fixture sweep (tests/fixtures/report/sweep) gets two small extras here: train_log.jsonl and
-generations for fkl-tau1-s0 and rkl-tau1-s0, and a teacher and an SFT warm start in
-tests/fixtures/report/prep whose exported `student/` dirs the cells point at.
-"""
+"""distill.report.html: report.html, the offline dashboard, on the fixture sweep with its reference models
+(tests.report.sweeps.fixture_sweep: train_log.jsonl and generations for fkl-tau1-s0 and rkl-tau1-s0, and
+a teacher and an SFT warm start whose exported `student/` dirs the cells point at)."""
 
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
-from distill.report import cli as report_cli
 from distill.report import html as dashboard
-from distill.report import summary as report
-
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "report"
-TEACHER, WARM_START = "sft-s0-1111aaaa", "sft-s0-2222bbbb"
-
-
-def fixture_sweep(tmp_path: Path) -> Path:
-    """A copy of the fixture sweep whose cells name the prep teacher and warm start as their models."""
-    shutil.copytree(FIXTURES / "prep", tmp_path / "prep")
-    sweep = tmp_path / "fixture-sweep"
-    shutil.copytree(FIXTURES / "sweep", sweep)
-    for path in sweep.glob("*/metrics.json"):
-        m = json.loads(path.read_text())
-        m["cell"]["teacher"] = str(tmp_path / "prep" / TEACHER / "student")
-        m["cell"]["student"] = f"prep/{WARM_START}/student"   # relative to the output root
-        path.write_text(json.dumps(m))
-    return sweep
+from distill.report.records import scan_sweep
+from distill.report.summary import summarize
+from distill.report.write import build_report
 
 
 @pytest.fixture
-def sweep(tmp_path):
-    return fixture_sweep(tmp_path)
+def sweep(sweep_with_refs):
+    """Every test here runs on the fixture sweep with its reference models (tests/report/conftest.py)."""
+    return sweep_with_refs
 
 
 def page_data(html: str) -> dict:
@@ -44,49 +25,10 @@ def page_data(html: str) -> dict:
     return json.loads(blob.replace("<\\/", "</"))
 
 
-def test_references_come_from_the_teacher_and_warm_start_cells(sweep):
-    refs = report.references(report.scan_sweep(sweep), sweep)
-    assert [(r.label, Path(r.cell_dir).name) for r in refs] == [("teacher", TEACHER), ("SFT warm start", WARM_START)]
-    assert refs[0].scores == {"test": 55.0, "shift_long": 41.0} and refs[1].scores["test"] == 30.0
-
-
-def test_no_reference_for_hub_models_or_random_inits(tmp_path):
-    sweep = tmp_path / "s"
-    shutil.copytree(FIXTURES / "sweep", sweep)   # teacher "toy-teacher", student "toy-student": not our cells
-    assert report.references(report.scan_sweep(sweep), sweep) == []
-
-
-def test_png_has_reference_lines_and_says_what_its_y_axis_is(sweep, monkeypatch):
-    import matplotlib.pyplot as plt
-
-    figures = []
-    monkeypatch.setattr(plt, "close", figures.append)
-    cells = report.scan_sweep(sweep)
-    report.render_png(report.summarize(cells), "fixture", sweep / "x.png", report.references(cells, sweep))
-    (fig,) = figures
-    axes = [ax for ax in fig.axes if ax.get_visible()]
-    assert {ax.get_title() for ax in axes} == {"test", "shift_long"}
-    for ax in axes:
-        assert ax.get_ylabel() == "ROUGE-L F1 x 100"
-        levels = {line.get_label(): line.get_ydata()[0] for line in ax.get_lines()}
-        expected = {"test": (55.0, 30.0), "shift_long": (41.0, 25.0)}[ax.get_title()]
-        assert (levels["teacher"], levels["SFT warm start"]) == expected
-    plt.close(fig)
-
-
-def test_report_html_is_written_beside_the_report_and_self_contained(sweep):
-    paths = report.build_report(sweep)
-    html = paths["report.html"].read_text()
-    assert paths["report.html"].parent == paths["report.md"].parent
-    # plotly.js is inlined: no script or stylesheet is fetched from anywhere
-    assert "<script src" not in html and "<link" not in html and "Plotly.newPlot" in html
-    assert len(html) > 3_000_000
-
-
 def test_rouge_panel_matches_the_report(sweep):
-    cells = report.scan_sweep(sweep)
-    summary = report.summarize(cells)
-    data = page_data(report.build_report(sweep)["report.html"].read_text())
+    cells = scan_sweep(sweep)
+    summary = summarize(cells)
+    data = page_data(build_report(sweep)["report.html"].read_text())
     traces = data["rouge"]["data"]
     objective = {(t["meta"]["objective"], t["meta"]["benchmark"]): t for t in traces if t["meta"]["kind"] == "objective"}
     # one line per objective and benchmark, its points the report's means, its bars the report's stds
@@ -109,8 +51,8 @@ def test_rouge_panel_matches_the_report(sweep):
 
 
 def test_difference_panel_is_the_paired_fkl_minus_rkl(sweep):
-    summary = report.summarize(report.scan_sweep(sweep))
-    data = page_data(report.build_report(sweep)["report.html"].read_text())
+    summary = summarize(scan_sweep(sweep))
+    data = page_data(build_report(sweep)["report.html"].read_text())
     (f, r), = summary.fkl_rkl_pairs()
     for t in data["difference"]["data"]:
         bench = t["meta"]["benchmark"]
@@ -119,12 +61,12 @@ def test_difference_panel_is_the_paired_fkl_minus_rkl(sweep):
 
 
 def test_cell_table_and_drill_down(sweep):
-    html = report.build_report(sweep)["report.html"].read_text()
+    html = build_report(sweep)["report.html"].read_text()
     data = page_data(html)
     rows = re.findall(r"<tr class='cell-row' data-cell='(cell-\d+)'[^>]*><td>([^<]+)</td><td><span class='status (\w+)'",
                       html)
     status = {d: s for _, d, s in rows}
-    assert len(rows) == len(report.scan_sweep(sweep))
+    assert len(rows) == len(scan_sweep(sweep))
     assert status["fkl-tau1-s0-45807ce7"] == "completed" and status["fkl-tau4-s2-832e24eb"] == "stale"
     assert status["jsd-tau4-s2-8f263476"] == "missing" and status["rkl-tau4-s2-8e6c8912"] == "failed"
     cell_id = next(i for i, d, _ in rows if d == "fkl-tau1-s0-45807ce7")
@@ -153,12 +95,5 @@ def test_text_from_generations_cannot_inject_markup(sweep):
     evil = {"seed": 10, "prompt": "</script><script>alert(1)</script>", "output": "<b>x</b>", "references": ["y"],
             "rougeL": 1.0}
     gen.write_text(json.dumps(evil) + "\n")
-    html = report.build_report(sweep)["report.html"].read_text()
+    html = build_report(sweep)["report.html"].read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
-
-
-def test_cli_html_rebuilds_the_page(sweep, capsys):
-    assert report_cli.dashboard(["html", str(sweep)]) == 0
-    assert (sweep / "report.html").is_file() and "report.html" in capsys.readouterr().out
-    assert report_cli.dashboard(["html", str(sweep / "nope")]) == 1
-    assert "does not exist" in capsys.readouterr().err

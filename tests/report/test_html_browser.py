@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.report import summary as report
-from tests.report.test_html import fixture_sweep
+from distill.report.write import build_report
+from tests.report.sweeps import fixture_sweep
 
 pytestmark = pytest.mark.browser
 
@@ -68,7 +68,7 @@ def page(tmp_path_factory):
             pytest.fail(f"browser test required (DISTILL_REQUIRE_BROWSER=1) but {reason}")
         pytest.skip(reason)
     sweep = fixture_sweep(tmp_path_factory.mktemp("browser"))
-    html = report.build_report(sweep)["report.html"]
+    html = build_report(sweep)["report.html"]
     driver = open_browser()
     try:
         driver.get(html.resolve().as_uri())

@@ -1,4 +1,4 @@
-"""distill.stats: paired CIs against scipy's own t-test, verdicts, bootstrap, power, variance split.
+"""distill.report.statistics: paired CIs against scipy's own t-test, verdicts, bootstrap, power, variance split.
 
 Every expected number is either recomputed with scipy.stats (ttest_rel, t.interval, bootstrap) from
 constructed per-seed scores, a published table value, or a simulation.
@@ -112,3 +112,9 @@ def test_variance_split_known_numbers():
     # one eval seed per training seed: eval spread unknown, no split
     u = stats.variance_split([[40.0], [42.0]])
     assert math.isnan(u.eval_std) and u.dominant == ""
+
+
+def test_mean_and_sample_std_of_an_entry():
+    xs = [30.0, 31.5, 29.25]
+    assert stats.mean(xs) == pytest.approx(np.mean(xs)) and stats.sample_std(xs) == pytest.approx(np.std(xs, ddof=1))
+    assert math.isnan(stats.mean([])) and math.isnan(stats.sample_std([41.0]))   # one seed: no spread

@@ -2,14 +2,16 @@
 
 import json
 import types
+from types import SimpleNamespace
 
 import pytest
 
 from distill.report import cli as report_cli
-from distill.report import summary as report
-from distill.tracking import offline as wandb_offline
 from distill.report import wandb as wandb_report
-from tests.report.test_html import fixture_sweep
+from distill.report.records import scan_sweep
+from distill.report.summary import summarize
+from distill.tracking import offline as wandb_offline
+from tests.report.sweeps import fixture_sweep, read_csv
 
 BENCHES = ["test", "shift_long"]
 
@@ -108,11 +110,11 @@ def test_cli_offline_writes_the_spec_and_logs_the_summary_run(tmp_path, capsys, 
     # the summary run: one per sweep, in the sweep's W&B folder, with the report's tables and plot
     (path,) = wandb_offline.run_files(sweep, wandb_report.summary_run_id("fixture"))
     info, _ = wandb_offline.run_info(path)
-    assert (info["group"], info["job_type"]) == ("fixture", report.SUMMARY_JOB_TYPE)
+    assert (info["group"], info["job_type"]) == ("fixture", wandb_report.SUMMARY_JOB_TYPE)
     (row,) = wandb_offline.history_rows(path)
     assert {"report/table", "report/plot", "sweep/rougeL_vs_tau", "sweep/fkl_minus_rkl"} <= set(row)
     logged = json.loads((path.parent / "files" / row["sweep/fkl_minus_rkl"]["path"]).read_text())
-    summary = report.summarize(report.scan_sweep(sweep))
+    summary = summarize(scan_sweep(sweep))
     columns, rows = wandb_report.summary_tables(summary)["sweep/fkl_minus_rkl"]
     assert logged["columns"] == columns and logged["data"] == rows
     (f, r), = summary.fkl_rkl_pairs()
@@ -131,15 +133,44 @@ def test_records_from_wandb_skips_the_summary_run():
             types.SimpleNamespace(id="demo-report-sweep", state="finished", job_type="sweep-report",
                                   config={"sweep": "demo"}, summary={"sweep/cells": 1})]
     api = types.SimpleNamespace(runs=lambda path, filters: runs)
-    (cell,) = report.records_from_wandb("ent/proj", "demo", api=api)
+    (cell,) = wandb_report.records_from_wandb("ent/proj", "demo", api=api)
     assert cell.status == "completed" and cell.metrics["eval"]["test"]["rougeL_mean"] == 40.0
 
 
-def test_online_without_a_login_writes_the_spec_instead_of_failing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "online")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))          # no ~/.netrc
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "cfg"))
-    sweep = fixture_sweep(tmp_path)
-    assert report_cli.dashboard(["wandb", str(sweep), "--project", "p", "--no-summary-run"]) == 0
-    assert "not publishing" in capsys.readouterr().err and (sweep / wandb_report.SPEC_FILE).is_file()
+def fake_run(name, state, div, tau, seed, score):
+    """A W&B run as distill.tracking logs it: nested resolved config, slash-named final summary."""
+    config = {"tau": tau, "seed": seed, "divergence": {"name": div}, "loss": {"kd_ratio": 1.0},
+              "model": {"name": "toy"}, "data": {"name": "embedded"}}
+    summary = {} if score is None else {"eval/test/rougeL": score, "eval/test/rougeL_std": 1.0, "valid/ce": 2.0,
+                                        "eval/test/generations": {"_type": "table-file"}}
+    return SimpleNamespace(id=f"{name}-0000abcd", name=name, state=state, job_type="distill", config=config,
+                           summary=summary)
+
+
+def test_wandb_source_with_mocked_api(tmp_path, monkeypatch):
+    import wandb
+
+    runs = [fake_run("fkl-tau1-s0", "finished", "fkl", 1.0, 0, 40.0),
+            fake_run("fkl-tau1-s1", "finished", "fkl", 1.0, 1, 42.0),
+            fake_run("rkl-tau1-s0", "finished", "rkl", 1.0, 0, 45.0),
+            fake_run("rkl-tau1-s1", "crashed", "rkl", 1.0, 1, None)]
+    calls = []
+
+    class FakeApi:
+        def __init__(self, **kw):
+            pass
+
+        def runs(self, path, filters):
+            calls.append((path, filters))
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    out = tmp_path / "out"
+    assert report_cli.main([str(out), "--wandb", "ent/proj", "--group", "demo"]) == 0
+    assert calls == [("ent/proj", {"group": "demo"})]
+    rows = read_csv(out / "report.csv")
+    assert float(rows[("test", "fkl", 1.0)]["rougeL_mean"]) == pytest.approx(41.0)
+    assert rows[("test", "rkl", 1.0)]["n"] == "1"
+    assert float(rows[("test", "fkl-rkl", 1.0)]["rougeL_mean"]) == pytest.approx(-5.0)
+    md = (out / "report.md").read_text()
+    assert "# Sweep report: demo" in md and "| rkl-tau1-s1-0000abcd | failed |" in md

@@ -88,7 +88,7 @@ def test_wandb_run_naming_summary_console_and_generations(tmp_path):
     assert summary["eval/test/rougeL"] == 41.0 and summary["valid/ce"] == 2.5 and summary["train/time_s"] == 1.5
     assert not [k for k in summary if "." in k], summary.keys()
     # and the report's W&B reader reads this run back
-    from distill.report.summary import record_from_wandb
+    from distill.report.wandb import record_from_wandb
 
     cell = record_from_wandb(rid, "finished", cfg, summary)
     assert cell.status == "completed" and cell.metrics["eval"]["test"]["rougeL_mean"] == 41.0
