@@ -124,7 +124,7 @@ def test_a_killed_attempt_redoes_its_steps_once_and_reads_stale(smoke_cfg, tmp_p
     holder = locks.Holder.me(30, 300)
     holder.pid = dead.pid
     (cell / locks.LOCK_FILE).write_text(holder.to_json())
-    from distill.report.summary import scan_sweep
+    from distill.report.records import scan_sweep
 
     assert [c.status for c in scan_sweep(cell.parent)] == ["stale"]
 
