@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from distill import models
 from distill.data.encoding import response_mask
 from distill.losses.chunked import fused_distillation_loss, loss_fn_for
+from distill.teachers.cache import TeacherCache
 from distill.train import engine as eng
 from distill.train.state import CellRun
 
@@ -85,10 +86,9 @@ def fused_batch_loss(cfg: DictConfig, engine: Any, teacher: torch.nn.Module, bat
     return kd, {"kd": kd.item()}
 
 
-def _teacher_logits(cell: CellRun, batch: dict, inputs: dict, ids: torch.Tensor | None,
+def _teacher_logits(cell: CellRun, batch: dict, inputs: dict, ids: torch.Tensor | None, cache: TeacherCache | None,
                     t_hidden: torch.Tensor | None) -> torch.Tensor | None:
     """The teacher's logits for `batch`: from cached hidden states, cached log-probs, the live teacher, or none."""
-    cache = cell.cache if ids is not None else None
     if t_hidden is not None:
         with torch.no_grad():
             return models.output_head(cell.teacher).logits(t_hidden)
@@ -115,7 +115,7 @@ def micro_batch_loss(cell: CellRun, batch: dict, num_tokens: float, *,
         return loss, parts
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     s_logits = cell.engine(**inputs).logits
-    t_logits = _teacher_logits(cell, batch, inputs, ids, t_hidden)
+    t_logits = _teacher_logits(cell, batch, inputs, ids, cache, t_hidden)
     lap("forward")
     loss, parts = batch_loss(cell.cfg, s_logits, t_logits, batch["labels"], num_tokens)
     lap("loss")

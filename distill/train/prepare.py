@@ -36,6 +36,7 @@ from distill.data.splits import DataSplits, load_data
 from distill.files import atomic_write_text
 from distill.options import CellBusy, ConfigError, InputError
 from distill.rollouts import rollout as rollout_mod
+from distill.rollouts.seq_kd import seq_kd_examples
 from distill.secrets import redact
 from distill.teachers.cache import TeacherCache
 from distill.teachers.source import build_teacher, load_teacher, teacher_cache
@@ -280,7 +281,7 @@ def _build_models(cfg: DictConfig, tokenizer: Any, train_ex: list[dict], *, devi
         teacher, teacher_engine = build_teacher(cfg, tokenizer, dtype, device)
         models.check_vocab(student, teacher, tokenizer)
     if (cfg.get("rollout") or {}).get("name") == "seq_kd":
-        train_ex = rollout_mod.seq_kd_examples(
+        train_ex = seq_kd_examples(
             Path(cfg.paths.cache_dir), cfg.model.teacher.path, train_ex, cfg.rollout,
             load_teacher=lambda: teacher if teacher is not None else load_teacher(cfg, tokenizer, dtype, device),
             pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_length=int(cfg.data.max_length),
