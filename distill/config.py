@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.options import (CACHE_SETTINGS, DIVERGENCES, EPOCH, LOSS_IMPLS, ON_CHANGE, PRECISIONS, REPLAY_RATIOS,
-                             ROLLOUTS, SELECTIONS, TAU_TARGETS, ZERO_STAGES, ConfigError)
+                             ROLLOUTS, SELECTIONS, TAU_TARGETS, WANDB_MODES, ZERO_STAGES, ConfigError)
 from distill.losses.divergences import divergence_per_token
 from distill.files import looks_local
 from distill.secrets import secret_keys
+from distill.tracking.wandb_run import wandb_key_available
 
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")  # sweep and model names: one path part
 # conf/ sits next to the package (editable install): an absolute path works however the app is started.
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -35,6 +41,47 @@ def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def grid_cells(overrides: list[str], grid: list[str]) -> list[list[str]]:
+    """The cells of a multirun: the config's `hydra.sweeper.params` with `grid` (`key=a,b`, later wins per key)
+    expanded as Hydra's basic sweeper does. [[]] when nothing is swept."""
+    cfg = compose(overrides, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()] + list(grid)
+    if not params:
+        return [[]]
+    parsed = OverridesParser.create().parse_overrides(params)
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def cell_configs(overrides: list[str], cells: list[list[str]]) -> list[DictConfig]:
+    """The composed config of every cell (`overrides` + the cell's). Hydra composes once per distinct choice
+    of config groups (e.g. divergence=rkl); plain values (tau=2.0, seed=1) are set on a copy, as Hydra would
+    override them: a 105-cell grid costs 7 compositions, not 105."""
+    def is_group(key: str) -> bool:
+        return (CONF_DIR / key.lstrip("+")).is_dir()
+
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    out = []
+    for cell in cells:
+        groups = tuple(o for o in cell if is_group(o.split("=", 1)[0]))
+        if groups not in composed:
+            composed[groups] = compose([*overrides, *groups])
+        cfg = OmegaConf.create(OmegaConf.to_container(composed[groups]))
+        with open_dict(cfg):
+            for o in cell:
+                key, value = o.split("=", 1)
+                if not is_group(key):
+                    OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value), merge=False)
+        out.append(cfg)
+    return out
+
+
+def split_sweep(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(plain overrides, sweep overrides `key=a,b` / `key=range(...)`) of a multirun's command line."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    sweeps = {o.input_line for o in parsed if o.is_sweep_override()}
+    return [o for o in overrides if o not in sweeps], [o for o in overrides if o in sweeps]
 
 
 def plain(cfg: Any) -> dict:
@@ -70,6 +117,8 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     if not cfg.eval.seeds:
         out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
     out.extend(_reliability_problems(cfg))
+    out.extend(_name_problems(cfg))
+    out.extend(_logger_problems(cfg))
     return out
 
 
@@ -126,6 +175,33 @@ def _model_problems(cfg: DictConfig) -> list[str]:
             "(train one with experiment=teacher), or use loss.kd_ratio=0 for SFT"
         )
     return out
+
+
+def _name_problems(cfg: DictConfig) -> list[str]:
+    """Names that become directories (the sweep's dir, cell dirs) must stay one plain path part under the root."""
+    names = [("sweep_name", cfg.get("sweep_name")), ("model.name", cfg.model.get("name"))]
+    names += [(f"model.{role}.name", (cfg.model.get(role) or {}).get("name")) for role in ("student", "teacher")]
+    return [f"{key}={value!r}: a name becomes a directory under paths.root: use letters, digits and . _ + - only, "
+            "starting with a letter or digit (no '/', '..', spaces or '$')"
+            for key, value in names if value is not None and not _plain_name(str(value))]
+
+
+def _plain_name(name: str) -> bool:
+    return bool(SAFE_NAME.match(name)) and ".." not in name
+
+
+def _logger_problems(cfg: DictConfig) -> list[str]:
+    """W&B must never stop at its login prompt (holding the cell's lock): online needs a key up front."""
+    logger = cfg.get("logger") or {}
+    if logger.get("name") != "wandb":
+        return []
+    mode = logger.get("mode") or "offline"
+    if mode not in WANDB_MODES:
+        return [f"logger.mode={mode!r}: must be one of {list(WANDB_MODES)}"]
+    if mode == "online" and not wandb_key_available():
+        return ["logger.mode=online (WANDB_MODE) needs a W&B API key: set WANDB_API_KEY or run `wandb login`, or "
+                "use logger.mode=offline and upload later with `wandb sync`"]
+    return []
 
 
 def _reliability_problems(cfg: DictConfig) -> list[str]:

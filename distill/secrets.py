@@ -7,9 +7,12 @@ environment. Keys are judged on their last dotted part, word by word, so that `h
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 _SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "credential", "credentials", "apikey"}
 _SECRET_KEY_PREFIXES = {"api", "access", "secret", "private", "auth", "signing"}
@@ -68,7 +71,8 @@ def redact(data: Any) -> Any:
 
 
 def secret_overrides(argv: list[str]) -> list[str]:
-    """The command-line overrides (`key=value`, `+key=value`) whose key or value looks like a secret."""
+    """The command-line overrides (`key=value`, `+key=value`) whose key, value or any of whose sweep choices
+    (`key=a,b`) looks like a secret."""
     out = []
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -76,6 +80,29 @@ def secret_overrides(argv: list[str]) -> list[str]:
         key, _, value = arg.partition("=")
         if value.strip().startswith("${oc.env:"):
             continue  # the secret stays in the environment; only its name is on the command line
-        if is_secret_key(key.lstrip("+~")) or is_secret_value(value):
+        if is_secret_key(key.lstrip("+~")) or any(is_secret_value(v) for v in [value, *re.split(r"[,()\[\]]", value)]):
             out.append(key)
     return out
+
+
+def secret_env_values(environ: Mapping[str, str]) -> list[str]:
+    """The values of the environment variables whose names name a secret (HF_TOKEN, WANDB_API_KEY, ...)."""
+    return [v for k, v in environ.items() if is_secret_key(k) and len(v) >= 8]
+
+
+def redact_env(data: Any, secrets: Sequence[str]) -> Any:
+    """`redact`, and every string holding one of `secrets` (a value read from the environment, say through
+    `${oc.env:HF_TOKEN}` or an interpolation of it) dropped too: values from the environment are judged by
+    their variable's name, as keys are."""
+    if isinstance(data, Mapping):
+        return {k: redact_env(v, secrets) for k, v in redact(data).items()
+                if not (isinstance(v, str) and any(s in v for s in secrets))}
+    if isinstance(data, (list, tuple)):
+        return [redact_env(v, secrets) for v in redact(data) if not (isinstance(v, str) and any(s in v for s in secrets))]
+    return data
+
+
+def redacted_config(cfg: Any) -> dict:
+    """The resolved config as it may be written (config.yaml, W&B): no secret key, value or environment secret."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return redact_env(data, secret_env_values(os.environ))

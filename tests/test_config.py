@@ -3,7 +3,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from distill.config import CONF_DIR, batch_plan, check_config, problems, schedule
+from distill.config import CONF_DIR, batch_plan, cell_configs, check_config, problems, schedule, split_sweep
 from distill.options import ConfigError
 from tests.conftest import compose
 
@@ -176,3 +176,17 @@ def test_fused_loss_and_teacher_cache_are_allowed_at_every_zero_stage():
             cfg = compose(["experiment=smoke", "loss.impl=fused", f"trainer.zero_stage={stage}",
                            f"loss.teacher_cache={cache}", "model.teacher.shard=true", "model.teacher.path=/tmp"])
             assert problems(cfg) == [], (stage, cache)
+
+
+def test_cell_configs_equal_hydras_own_composition(tmp_path):
+    from omegaconf import OmegaConf
+
+    base = ["experiment=smoke", f"paths.root={tmp_path}"]
+    cells = [["divergence=rkl", "tau=2.0", "seed=1"], ["divergence=jsd", "tau=0.5", "seed=0"], ["tau=3", "seed=2"]]
+    for cell, cfg in zip(cells, cell_configs(base, cells)):
+        assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(compose([*base, *cell]), resolve=True)
+
+
+def test_split_sweep_tells_sweeps_from_plain_overrides():
+    plain, sweeps = split_sweep(["tau=1.0,2.0", "seed=0", "eval.seeds=[10,20]", "divergence=glob(*)", "+x=range(1,3)"])
+    assert plain == ["seed=0", "eval.seeds=[10,20]"] and sweeps == ["tau=1.0,2.0", "divergence=glob(*)", "+x=range(1,3)"]

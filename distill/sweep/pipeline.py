@@ -36,7 +36,7 @@ from typing import Any
 from distill.options import LAUNCHERS
 from distill.cell.results import is_completed, read_metrics
 from distill.cell import fingerprints as inputs
-from distill.config import CONF_DIR, compose
+from distill.config import CONF_DIR, cell_configs, compose, grid_cells
 from distill.report.write import build_report
 
 RECIPE_DIR = CONF_DIR / "recipe"
@@ -86,46 +86,6 @@ def _split(extra: list[str]) -> tuple[list[str], list[str]]:
     """(config overrides, hydra.* overrides): the latter only make sense under a multirun launcher."""
     hydra = [o for o in extra if o.split("=", 1)[0].lstrip("+~").startswith("hydra.") or o.startswith("hydra/")]
     return [o for o in extra if o not in hydra], hydra
-
-
-def grid_cells(overrides: list[str], grid: list[str]) -> list[list[str]]:
-    """The cells of a stage's multirun: its config's `hydra.sweeper.params` with `grid` (`key=a,b`, later
-    wins per key) expanded as Hydra's basic sweeper does. [[]] when nothing is swept."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    cfg = compose(overrides, return_hydra_config=True)
-    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()] + list(grid)
-    if not params:
-        return [[]]
-    parsed = OverridesParser.create().parse_overrides(params)
-    return BasicSweeper.split_arguments(parsed, None)[0]
-
-
-def cell_configs(overrides: list[str], cells: list[list[str]]) -> list:
-    """The composed config of every cell (`overrides` + the cell's). Hydra composes once per distinct choice
-    of config groups (e.g. divergence=rkl); plain values (tau=2.0, seed=1) are set on a copy, as Hydra would
-    override them: a 105-cell grid costs 7 compositions, not 105."""
-    import yaml
-    from omegaconf import OmegaConf, open_dict
-
-    def is_group(key: str) -> bool:
-        return (CONF_DIR / key.lstrip("+")).is_dir()
-
-    composed: dict[tuple[str, ...], Any] = {}
-    out = []
-    for cell in cells:
-        groups = tuple(o for o in cell if is_group(o.split("=", 1)[0]))
-        if groups not in composed:
-            composed[groups] = compose([*overrides, *groups])
-        cfg = OmegaConf.create(OmegaConf.to_container(composed[groups]))
-        with open_dict(cfg):
-            for o in cell:
-                key, value = o.split("=", 1)
-                if not is_group(key):
-                    OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value), merge=False)
-        out.append(cfg)
-    return out
 
 
 def locate(cfg) -> Path | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import netrc
 import os
 import re
 import time
@@ -36,7 +37,7 @@ from typing import Any, Mapping, Sequence
 from distill.cell.identity import float_fields
 from distill.files import atomic_write_text
 from distill.options import JOB_TYPES, WANDB_MODES
-from distill.secrets import redact
+from distill.secrets import redact_env, secret_env_values
 from distill.tracking import offline as wandb_offline
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Tracker:
                 log.info("W&B file of a killed attempt ended in a torn record: cut %d bytes (%s)", cut, path)
         self._wandb_has = wandb_offline.logged_steps(earlier)
         _after_the_last_attempts_second(earlier)
-        self.run = wandb.init(
+        init = dict(
             project=logger_cfg.get("project", "distill"),
             entity=logger_cfg.get("entity"),
             group=group,
@@ -121,12 +122,11 @@ class Tracker:
             id=run_id,
             resume="allow",
             tags=list(tags) + list(logger_cfg.get("tags") or []),
-            config=float_fields(redact(json.loads(json.dumps(dict(config), default=str)))),
+            config=float_fields(redact_env(json.loads(json.dumps(dict(config), default=str)), secret_env_values(os.environ))),
             dir=str(wandb_dir),
-            mode=mode,
             reinit="finish_previous",  # in-process multirun: never log into the previous cell's run
-            settings=wandb.Settings(console="wrap", silent=True),
         )
+        self.run = _init_run(wandb, init, mode, float(logger_cfg.get("init_timeout_s") or 30))
         # eval/* is drawn against tau. Summaries stay W&B's default, the last value logged: the final
         # evaluation and validation, under their own names (summary="last" would nest them as `.last`).
         self.run.define_metric("tau")
@@ -207,6 +207,36 @@ class Tracker:
             except _tracking_errors() as exc:  # a tracking failure must not mask the training result
                 log.warning("wandb finish failed: %s", exc)
             self.run = None
+
+
+def _init_run(wandb: Any, init: dict[str, Any], mode: str, timeout_s: float) -> Any:
+    """`wandb.init`; online, within `timeout_s`, and when W&B cannot be reached the cell logs offline instead
+    (one warning: `wandb sync` uploads it later) rather than failing after all its setup."""
+    def start(run_mode: str) -> Any:
+        return wandb.init(**init, mode=run_mode,
+                          settings=wandb.Settings(console="wrap", silent=True, init_timeout=timeout_s))
+
+    if mode != "online":
+        return start(mode)
+    try:
+        return start("online")
+    except _tracking_errors() as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        log.warning("W&B could not be reached within %.0f s (%s): this cell logs offline to %s; upload it later "
+                    "with `wandb sync`", timeout_s, first, init["dir"])
+        wandb.teardown()  # the failed online run still holds its id in the W&B service
+        return start("offline")
+
+
+def wandb_key_available() -> bool:
+    """Is there a W&B API key W&B would use without asking: WANDB_API_KEY, or a ~/.netrc entry for its host?"""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host.split(":")[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _after_the_last_attempts_second(earlier: Sequence[Path]) -> None:

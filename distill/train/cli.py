@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
-from distill.config import CONF_DIR
+from distill.config import CONF_DIR, cell_configs, compose, grid_cells, split_sweep
 from distill.options import CellBusy, ConfigError, InputError
-from distill.secrets import secret_overrides
+from distill.secrets import secret_keys, secret_overrides
 from distill.train.run import run_cell
 
 
@@ -32,14 +33,33 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def multirun_secrets(argv: list[str]) -> list[str]:
+    """Keys of a multirun's cells that hold a secret (from a config file or one sweep choice), found by composing
+    every distinct choice of config groups before Hydra writes `<sweep>/multirun.yaml` (it would hold them)."""
+    overrides = [a for a in argv if not a.startswith("-")
+                 and (not a.lstrip("+~").startswith("hydra") or a.startswith("hydra.searchpath="))]
+    try:
+        plain, sweeps = split_sweep(overrides)
+        try:
+            configs = cell_configs(plain, grid_cells(plain, sweeps))
+        except HydraException:  # glob(*) and the like need Hydra's own loader: check the base config then
+            configs = [compose(plain)]
+    except (HydraException, ValueError):
+        return []  # a malformed command line: Hydra itself says what is wrong with it
+    return sorted({k for cfg in configs for k in secret_keys(OmegaConf.to_container(cfg, resolve=False))})
+
+
 def main() -> None:
     """Console entry point `distill-train`."""
-    # Before Hydra sees them: Hydra would write overrides to .hydra/*.yaml, submitit pickles them and W&B
+    # Before Hydra sees them: Hydra would write overrides to multirun.yaml, submitit pickles them and W&B
     # records the command line. A secret given there would land on disk; refuse it with one line.
-    secrets = secret_overrides(sys.argv[1:])
+    argv = sys.argv[1:]
+    where = "an override: overrides are"
+    secrets = secret_overrides(argv)
+    if not secrets and ("-m" in argv or "--multirun" in argv):
+        secrets, where = multirun_secrets(argv), "a config: configs are"
     if secrets:
         print(f"distill-train: config error: {', '.join(secrets)} looks like a secret: pass secrets in the environment "
-              "(HF_TOKEN, WANDB_API_KEY, ...), never as an override: overrides are written to disk and to W&B",
-              file=sys.stderr)
+              f"(HF_TOKEN, WANDB_API_KEY, ...), never as {where} written to disk and to W&B", file=sys.stderr)
         sys.exit(2)
     _hydra_main()

@@ -37,7 +37,7 @@ from distill.files import atomic_write_text
 from distill.options import CellBusy, ConfigError, InputError
 from distill.rollouts import rollout as rollout_mod
 from distill.rollouts.seq_kd import seq_kd_examples
-from distill.secrets import redact
+from distill.secrets import redacted_config
 from distill.teachers.cache import TeacherCache
 from distill.teachers.source import build_teacher, load_teacher, teacher_cache
 from distill.tracking import wandb_run as tracking
@@ -197,7 +197,7 @@ def _open_run_dir(cfg: DictConfig, rdir: Path, rank: int) -> Path:
             shutil.rmtree(rdir / eng.CKPT_DIR, ignore_errors=True)
             (rdir / tracking.LOG_FILE).unlink(missing_ok=True)   # the log of the result being replaced
         _make_dir(rdir)
-        atomic_write_text(rdir / "config.yaml", OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))))
+        atomic_write_text(rdir / "config.yaml", OmegaConf.to_yaml(redacted_config(cfg)))
     dist.barrier()
     return rdir
 

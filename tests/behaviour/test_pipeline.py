@@ -124,17 +124,6 @@ def test_scaled_down_pipeline_end_to_end_then_a_rerun_skips_every_stage(tmp_path
     assert "$ distill-train" not in second.stdout  # no stage was even launched
 
 
-def test_cell_configs_equal_hydras_own_composition(tmp_path):
-    from omegaconf import OmegaConf
-
-    from tests.conftest import compose
-
-    base = ["experiment=smoke", f"paths.root={tmp_path}"]
-    cells = [["divergence=rkl", "tau=2.0", "seed=1"], ["divergence=jsd", "tau=0.5", "seed=0"], ["tau=3", "seed=2"]]
-    for cell, cfg in zip(cells, pipeline.cell_configs(base, cells)):
-        assert OmegaConf.to_container(cfg, resolve=True) == OmegaConf.to_container(compose([*base, *cell]), resolve=True)
-
-
 def test_a_grid_started_as_the_pipeline_starts_it_logs_each_line_once(tmp_path):
     # distill-pipeline starts `python -m distill.train -m ...`. Its cells were pickled by value (as functions of
     # __main__), never imported distill.train, and wrote every line of their train.log twice.
