@@ -10,14 +10,18 @@ come from W&B in distill.report.wandb.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from distill.cell.lock import liveness
 from distill.cell.results import COMPLETED, METRICS_FILE, load_metrics
+
+log = logging.getLogger(__name__)
 
 # status of a cell as the report sees it: the metrics.json states other than completed (RECORDED_STATUSES),
 # plus what the report itself can find wrong with a cell dir.
@@ -45,18 +49,81 @@ class CellResult:
 
 
 def read_cell(d: Path) -> CellResult | None:
-    """The record of one dir of a sweep; None for a dir that is not a cell (no metrics.json, not named like one)."""
+    """The record of one dir of a sweep; None for a dir that is not a cell (no metrics.json, not named like one).
+
+    A metrics.json that cannot be used (not JSON, or JSON of the wrong shape) makes its cell 'unreadable', kept
+    out of the tables and warned about in one line: one bad file never blocks the report of a whole sweep.
+    """
     if not (d / METRICS_FILE).is_file():
         if CELL_DIR_RE.match(d.name):
             return CellResult(d.name, "missing", error="no metrics.json (never started or killed before writing)")
         return None
     try:
-        m = load_metrics(d, f"{d.name}/{METRICS_FILE}")
+        m = load_cell_metrics(d, f"{d.name}/{METRICS_FILE}")
     except (ValueError, OSError) as e:
-        return CellResult(d.name, "unreadable", error=str(e))
+        error = " ".join(str(e).split())  # one line, whatever the parser said
+        log.warning("report: skipped an unreadable cell (kept out of the tables): %s", error)
+        return CellResult(d.name, "unreadable", error=error)
     dead = liveness(d) if m["status"] == "running" else None
     return CellResult(d.name, "stale", m, f"not running: {dead}") if dead else CellResult(d.name, m["status"], m,
                                                                                           m.get("error"))
+
+
+def load_cell_metrics(d: Path, source: str | None = None) -> dict[str, Any]:
+    """A cell's metrics.json checked for what the report reads of it (`load_metrics`, then `shape_problem`);
+    ValueError saying what is wrong, the file named `source` (default: its path)."""
+    m = load_metrics(d, source)
+    problem = shape_problem(m)
+    if problem:
+        raise ValueError(f"{source or d / METRICS_FILE}: {problem}")
+    return m
+
+
+# What the report reads of a metrics.json beyond load_metrics' checks, and the type each must have: a number
+# given as a string ("40.0") would be grouped as another cell or break a format, a list where a block belongs
+# would raise deep in the report. None stands for a key that is absent or null.
+_NUMBER, _FINITE = "a number", "a finite number"
+_CELL_KEYS = {"divergence": str, "divergence_params": dict, "tau": _FINITE, "tau_target": str, "tau_squared": bool,
+              "kd_ratio": _NUMBER, "seed": int, "max_steps": int, "epochs": int, "model": str, "teacher": str,
+              "student": str, "dataset": str, "rollout": str}
+_EVAL_KEYS = {"rougeL_mean": _NUMBER, "rougeL_std": _NUMBER, "exact_match_mean": _NUMBER, "n": int,
+              "rougeL_per_seed": list}
+_TOP_KEYS = {"name": str, "sweep": str, "updated_at": str, "error": str, "train": dict, "valid": dict,
+             "attempts": list, "eval": dict}
+_TYPE_NAMES = {str: "a string", dict: "an object", list: "a list", int: "an integer", bool: "true or false"}
+
+
+def _wrong(where: str, value: Any, want: Any, required: bool = False) -> str | None:
+    """Why `value` at `where` is not `want` (a type, _NUMBER or _FINITE), or None when it is (or is an
+    allowed None)."""
+    if value is None and not required:
+        return None
+    if want in (_NUMBER, _FINITE):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (want is _NUMBER or math.isfinite(value))
+    else:
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    return None if ok else f"{where} must be {_TYPE_NAMES.get(want, want)}, got {json.dumps(value, default=str)[:40]}"
+
+
+def _checks(m: dict[str, Any]) -> Iterator[str | None]:
+    """One verdict of `_wrong` per field the report reads, blocks before what is inside them."""
+    yield from (_wrong(k, m.get(k), t) for k, t in _TOP_KEYS.items())
+    yield from (_wrong(f"cell.{k}", m["cell"].get(k), t, k in ("divergence", "tau", "seed")) for k, t in _CELL_KEYS.items())
+    yield from (_wrong(f"valid.{k}", v, _NUMBER, True) for k, v in (m.get("valid") or {}).items())
+    yield from (_wrong(f"attempts[{i}]", a, dict, True) for i, a in enumerate(m.get("attempts") or []))
+    for bench, ev in (m.get("eval") or {}).items():
+        yield _wrong(f"eval.{bench}", ev, dict, True)
+        if isinstance(ev, dict):
+            yield from (_wrong(f"eval.{bench}.{k}", ev.get(k), t, k == "rougeL_mean" and m["status"] == COMPLETED)
+                        for k, t in _EVAL_KEYS.items())
+            yield from (_wrong(f"eval.{bench}.rougeL_per_seed[{i}]", x, _NUMBER, True)
+                        for i, x in enumerate(ev.get("rougeL_per_seed") or []))
+
+
+def shape_problem(m: dict[str, Any]) -> str | None:
+    """The first field of a parsed metrics.json (load_metrics) that the report could not use, as 'where must be
+    what, got what'; None when every field it reads has its type."""
+    return next((why for why in _checks(m) if why), None)
 
 
 def scan_sweep(sweep_dir: str | os.PathLike) -> list[CellResult]:
@@ -129,7 +196,7 @@ def _model_run_dir(model_path: str, root: Path) -> Path | None:
 def _reference_scores(role: str, run_dir: Path) -> dict[str, float] | None:
     """A completed teacher's (or SFT warm start's) scores per benchmark; None if it cannot be one."""
     try:
-        m = load_metrics(run_dir)
+        m = load_cell_metrics(run_dir)
     except (ValueError, OSError):
         return None
     if m["status"] == COMPLETED and (role == "teacher" or m["cell"]["divergence"] == "sft"):

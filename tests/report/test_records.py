@@ -140,3 +140,72 @@ def test_no_reference_for_hub_models_or_random_inits(tmp_path):
     sweep = tmp_path / "s"
     shutil.copytree(FIXTURES / "sweep", sweep)   # teacher "toy-teacher", student "toy-student": not our cells
     assert references(scan_sweep(sweep), sweep) == []
+
+
+# ----------------------------------------------------------------------------- malformed metrics.json (issue 31)
+DAMAGED = "fkl-tau1-s0-45807ce7"  # one of the two seeds of fkl at tau=1
+
+
+def _damage(sweep: Path, how) -> None:
+    path = sweep / DAMAGED / "metrics.json"
+    m = json.loads(path.read_text())
+    how(m)
+    path.write_text(json.dumps(m))
+
+
+WRONG_SHAPES = {
+    "cell is a list": lambda m: m.update(cell=[]),
+    "eval is a string": lambda m: m.update(eval="x"),
+    "a benchmark is a string": lambda m: m["eval"].update(test="x"),
+    "a score as a string": lambda m: m["eval"]["test"].update(rougeL_mean="40.0"),
+    "tau as a string": lambda m: m["cell"].update(tau="1.0"),
+    "seed as a string": lambda m: m["cell"].update(seed="0"),
+    "kd_ratio as a string": lambda m: m["cell"].update(kd_ratio="1"),
+    "the eval block missing": lambda m: m.pop("eval"),
+    "a score missing": lambda m: m["eval"]["test"].pop("rougeL_mean"),
+    "train is a list": lambda m: m.update(train=[]),
+    "per-seed scores as a string": lambda m: m["eval"]["test"].update(rougeL_per_seed="x"),
+    "the divergence as a number": lambda m: m["cell"].update(divergence=3),
+    "the error as a number": lambda m: m.update(status="failed", error=5),
+}
+
+
+@pytest.mark.parametrize("how", list(WRONG_SHAPES))
+def test_a_metrics_json_of_the_wrong_shape_is_skipped_with_one_warning(sweep, how, caplog):
+    from distill.report.cli import main
+
+    _damage(sweep, WRONG_SHAPES[how])
+    with caplog.at_level("WARNING"):
+        assert main([str(sweep)]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and DAMAGED in warned[0] and "\n" not in warned[0], warned
+    md = (sweep / "report.md").read_text()
+    assert f"| {DAMAGED} | unreadable |" in md
+    # The report is built from the other cells: fkl at tau=1 has only its other seed left.
+    other = expected_scores()[("test", "fkl", 1.0)][1]
+    row = read_csv(sweep / "report.csv")[("test", "fkl", 1.0)]
+    assert row["n"] == "1" and float(row["rougeL_mean"]) == pytest.approx(other)
+    assert read_csv(sweep / "report.csv")[("test", "rkl", 1.0)]["n"] == "2"
+
+
+def test_distill_report_exits_0_and_warns_once_on_a_malformed_cell(sweep):
+    import subprocess
+    import sys
+
+    _damage(sweep, WRONG_SHAPES["a score as a string"])
+    proc = subprocess.run([sys.executable, "-c", "import sys; from distill.report.cli import main; sys.exit(main())",
+                           str(sweep)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and DAMAGED in lines[0] and "eval.test.rougeL_mean must be a number" in lines[0], lines
+    assert "Traceback" not in proc.stderr
+    assert read_csv(sweep / "report.csv")[("test", "fkl", 1.0)]["n"] == "1"
+
+
+def test_a_malformed_reference_cell_gives_no_reference_line_instead_of_a_crash(sweep_with_refs):
+    teacher = sweep_with_refs.parent / "prep" / TEACHER / "metrics.json"
+    m = json.loads(teacher.read_text())
+    m["eval"]["test"]["rougeL_mean"] = "55"
+    teacher.write_text(json.dumps(m))
+    refs = references(scan_sweep(sweep_with_refs), sweep_with_refs)
+    assert [r.label for r in refs] == ["SFT warm start"]
