@@ -142,25 +142,27 @@ def render_png(summary: Summary, sweep: str, path: Path, refs: Sequence[Referenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benches = summary.benchmarks or ["(no completed cells)"]
-    ncol = min(3, len(benches))
-    nrow = math.ceil(len(benches) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow + 0.8), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    for ax, bench in zip(axes.flat, benches):
-        _draw_panel(ax, cmap, summary, bench, refs)
-    for ax in list(axes.flat)[len(benches):]:
-        ax.set_visible(False)
-    legend = {}   # label -> handle, over every panel (a reference may miss the first benchmark)
-    for ax in axes.flat:
-        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    labels, handles = list(legend), list(legend.values())
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False,
-                   bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(plot_caption(summary, sweep), fontsize=11 if ncol > 1 else 9.5)
-    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 0.98))
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=130)
-    plt.close(fig)
+    # Names are text, never mathtext: a sweep or model name with `$` must not break the plot.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        benches = summary.benchmarks or ["(no completed cells)"]
+        ncol = min(3, len(benches))
+        nrow = math.ceil(len(benches) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(5.2 * ncol, 4.0 * nrow + 0.8), squeeze=False)
+        cmap = plt.get_cmap("tab10")
+        for ax, bench in zip(axes.flat, benches):
+            _draw_panel(ax, cmap, summary, bench, refs)
+        for ax in list(axes.flat)[len(benches):]:
+            ax.set_visible(False)
+        legend = {}   # label -> handle, over every panel (a reference may miss the first benchmark)
+        for ax in axes.flat:
+            legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+        labels, handles = list(legend), list(legend.values())
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), frameon=False,
+                       bbox_to_anchor=(0.5, 0.0))
+        fig.suptitle(plot_caption(summary, sweep), fontsize=11 if ncol > 1 else 9.5)
+        fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 0.98))
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=130)
+        plt.close(fig)
     atomic_write_bytes(path, png.getvalue())
