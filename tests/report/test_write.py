@@ -19,7 +19,7 @@ def test_report_html_is_written_beside_the_report_and_self_contained(sweep_with_
     assert len(html) > 3_000_000
 
 
-@pytest.mark.parametrize("name", ["cost$1 $x$", "a <b> & 'c'", "sweep with spaces"])
+@pytest.mark.parametrize("name", ["cost$x^$", "run$\\\\foo$", "a <b> & 'c'", "sweep with spaces"])
 def test_the_report_accepts_any_sweep_name(tmp_path, name):
     """A sweep dir from before names were checked, or a W&B group, may have any name: `$` is text in the PNG (not
     mathtext), markup is escaped in the HTML."""
