@@ -238,3 +238,51 @@ def test_the_train_help_template_uses_hydra_variables_and_valid_examples():
     examples = [ln.strip() for ln in cfg["header"].splitlines() if ln.strip().startswith("distill-train")]
     assert len(examples) == 3
     assert [c for ex in examples for c in missing_choices(ex)] == []
+
+
+# Our own paths (the anchors' repos have scripts/<model>/... of their own, which the docs cite too).
+CODE_PATH = re.compile(r"(?<![\w/.-])(?:(?:distill|tests|benchmarks|conf)/[\w/.-]*\w|scripts/[\w.-]+\.(?:py|sh))")
+DOTTED = re.compile(r"(?<![\w.])distill(?:\.[A-Za-z_]\w*)+")
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines at top level (functions, classes, assignments, imports), read with ast."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def dotted_name_exists(name: str) -> bool:
+    """`distill.a.b[.attr[.attr]]`: a module or package of the repo, then attributes defined in it."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:i])
+        module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if module.is_file():
+            rest = parts[i:]
+            return not rest or rest[0] in _top_level_names(module)
+    return False
+
+
+@pytest.mark.parametrize("path", LINKED, ids=rel)
+def test_code_paths_and_module_names_in_the_docs_exist(path):
+    """The manual names files and modules of the code: each still exists where the text says."""
+    text = path.read_text()
+    missing = sorted({m.group(0) for m in CODE_PATH.finditer(text) if not any(ch in m.group(0) for ch in "*<{")
+                      and not (ROOT / m.group(0)).exists()})
+    missing += sorted({m.group(0) for m in DOTTED.finditer(text) if not dotted_name_exists(m.group(0))})
+    assert not missing, f"{rel(path)} names what is not there: {missing}"
+
+
+def test_the_name_check_tells_real_names_from_stale_ones():
+    assert dotted_name_exists("distill.config.compose") and dotted_name_exists("distill.cell.identity")
+    assert not dotted_name_exists("distill.train.validate") and not dotted_name_exists("distill.runs")
