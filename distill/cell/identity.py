@@ -38,6 +38,7 @@ NON_RESULT_KEYS = (
     "trainer.ckpt_every",
     "trainer.keep_ckpts",
     "trainer.dist_timeout_s",
+    "loss.teacher_cache_wait_s",  # how long to wait for another cell's teacher-cache build: no result
     "trainer.progress",
     "cell_lock",
     "inputs.on_change",

@@ -27,6 +27,16 @@ On disk: ``<cache_dir>/teacher-<key>/index.json`` (written last) and ``shard-<st
 each holding a contiguous range of examples (``offsets`` plus ``values`` [positions, H or V], and for top-k
 ``topk_ids`` and ``tail_mass``). Shards are opened memory-mapped (`safetensors.safe_open`): a batch reads only
 its own rows, nothing is unpickled, and no process holds the whole cache in memory.
+
+A cache cannot be silently wrong or stuck (`distill.teachers.shards`, `distill.teachers.build_lock`):
+
+- the index records each shard's sha256 and size, taken when the shard was written; a cell verifies every shard
+  before it trusts the cache (each file is read once per process);
+- a complete cache whose shards verify is read without the lock (a read-only cache dir works);
+- a missing, truncated or altered shard is rebuilt under the lock, with a warning naming it (only the bad
+  shards); when the cache dir is not writable the cell refuses with one line (`InputError`);
+- a cell waiting for another cell's build says what it waits for and who holds the lock, again every few
+  minutes, and gives up (`InputError`) after `loss.teacher_cache_wait_s` seconds without progress by the holder.
 """
 
 from __future__ import annotations
@@ -41,7 +51,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -49,13 +58,17 @@ from distill.cell.hashing import DigestCache, files_digest, short_hash, token_di
 from distill.data.encoding import collate_train, response_mask
 from distill.files import atomic_path, atomic_write_json
 from distill.models import final_hidden, output_head, param_shape
-from distill.options import CACHE_KINDS, CACHE_SETTINGS
+from distill.options import CACHE_KINDS, CACHE_SETTINGS, InputError
+from distill.teachers.build_lock import BuildLock
+from distill.teachers.shards import SHARD_EXAMPLES, index_entry, plan_build, shard_name, shard_plan, write_checked
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "2"
-SHARD_EXAMPLES = 1024  # examples per shard file at most (fewer, so that every rank gets equal work)
-WAIT_TIMEOUT = _dt.timedelta(days=1)  # how long a cell's ranks wait for another cell building the same cache
+# 3: shards carry checksums (caches of format 2 have other keys: they are not found, and are built once again)
+FORMAT_VERSION = "3"
+WAIT_TIMEOUT = _dt.timedelta(days=1)  # how long a cell's ranks wait for their rank 0's word (it may be waiting)
+WAIT_S = 3600.0  # loss.teacher_cache_wait_s: a cell gives up on a cache builder without progress for this long
+WAIT_SETTING = "loss.teacher_cache_wait_s"
 
 
 # --------------------------------------------------------------------------------------------- sizes and forms
@@ -191,8 +204,10 @@ def compute(teacher: torch.nn.Module, examples: Sequence[dict], *, pad_id: int, 
 
 
 def _compute_batches(teacher, batches: list[Sequence[dict]], *, pad_id: int, kind: str, topk: int | None,
-                     device: torch.device, progress: bool, forwards: int) -> list[dict[str, torch.Tensor]]:
-    """Values of each batch, then dummy forwards up to `forwards` in all (equal collective calls per rank)."""
+                     device: torch.device, progress: bool, forwards: int,
+                     beat: Callable[[], None] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Values of each batch, then dummy forwards up to `forwards` in all (equal collective calls per rank);
+    `beat` after each (the build lock's sign of progress to the cells waiting for it)."""
     teacher.eval()
     steps: Iterable[int] = range(forwards)
     if progress:
@@ -208,6 +223,8 @@ def _compute_batches(teacher, batches: list[Sequence[dict]], *, pad_id: int, kin
             out.append(values)
         else:
             _dummy_forward(teacher, device)
+        if beat is not None:
+            beat()
     return out
 
 
@@ -227,36 +244,31 @@ def build_once(path: Path, compute: Callable[[], dict[str, torch.Tensor]], metad
     """Load the safetensors file at `path`, or `compute()` and write it first (single-file caches: seq-KD).
 
     One process computes at a time (a file lock next to it: cells that start together wait for the
-    first, then read its file), the write is atomic (temp file + rename), and loading is weights-only.
+    first, saying so, then read its file), the write is atomic (temp file + rename), and loading is weights-only.
+    A file already there is read without the lock (the write was atomic: it is whole; the dir may be read-only).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if not path.exists():
-            log.info("cache: computing %s", path.name)
-            _save_atomic(compute(), path, metadata)
-        else:
-            log.info("cache: reusing %s", path.name)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = BuildLock(Path(str(path) + ".lock"), wait_s=None, what=f"cache {path.name}")
+        lock.acquire()
+        try:
+            if not path.exists():
+                log.info("cache: computing %s", path.name)
+                with atomic_path(path) as tmp:
+                    save_file(compute(), str(tmp), metadata=metadata)
+        finally:
+            lock.release()
+    else:
+        log.info("cache: reusing %s", path.name)
     return load_file(str(path))  # safetensors: weights only, nothing executed
 
 
 # --------------------------------------------------------------------------------------------- layout
-def shard_plan(n_examples: int, world: int, shard_examples: int = SHARD_EXAMPLES) -> list[tuple[int, int]]:
-    """Contiguous example ranges of at most `shard_examples`, as many as a multiple of `world` allows, so that
-    ranks taking shards r, r + world, ... get nearly equal work."""
-    world = max(world, 1)
-    rounds = max(1, -(-n_examples // (world * shard_examples)))
-    size = max(1, -(-n_examples // (world * rounds)))
-    return [(start, min(start + size, n_examples)) for start in range(0, n_examples, size)]
-
-
-def _shard_name(start: int, stop: int) -> str:
-    return f"shard-{start:09d}-{stop:09d}.safetensors"
-
-
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    """Write one shard and its checksum record (`distill.teachers.shards.write_checked`; a test wraps this name to
+    see which rank wrote which shard)."""
+    write_checked(tensors, path, metadata)
 
 
 def _broadcast_str(text: str, group=None) -> str:
@@ -273,6 +285,26 @@ def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _agree(todo: list[dict] | None, root: Path, group) -> list[tuple[int, int]]:
+    """Rank 0's shards to build (`todo`; None on rank 0: it failed) as example ranges, on every rank. The other
+    ranks stop with one line when rank 0 failed (rank 0's own error says why)."""
+    rank, world = _distributed()
+    ranges = [(int(s["start"]), int(s["stop"])) for s in todo or []]
+    if world == 1:
+        return ranges
+    head = torch.tensor([-1 if rank == 0 and todo is None else len(ranges)], dtype=torch.int64)
+    dist.broadcast(head, src=0, group=group)
+    if int(head) < 0:
+        if rank == 0:
+            return []
+        raise InputError(f"teacher cache {root}: rank 0 could not open or build it (its log says why)")
+    body = torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2) if rank == 0 else torch.zeros(int(head), 2,
+                                                                                               dtype=torch.int64)
+    if int(head):
+        dist.broadcast(body, src=0, group=group)
+    return [(a, b) for a, b in body.tolist()]
 
 
 # --------------------------------------------------------------------------------------------- the cache
@@ -319,14 +351,15 @@ class TeacherCache:
     def build_or_load(cls, cache_dir: Path, teacher: torch.nn.Module, teacher_path: str | Path,
                       examples: Sequence[dict], *, pad_id: int, batch_size: int, kind: str,
                       topk: int | None = None, device: torch.device, dtype: torch.dtype, progress: bool = True,
-                      shard_examples: int = SHARD_EXAMPLES) -> "TeacherCache":
-        """Open `<cache_dir>/teacher-<key>/`, building it first if no cell has.
+                      shard_examples: int = SHARD_EXAMPLES, wait_s: float | None = WAIT_S) -> "TeacherCache":
+        """Open `<cache_dir>/teacher-<key>/`, building (or repairing) it first if it is not whole.
 
-        Call on every rank of the cell. Rank 0 holds the cache's file lock while the cell builds (other cells
-        that start together wait for it, then load); every rank computes and writes its share of the shards
-        (rank r takes shards r, r + world, ...); rank 0 publishes the index once all shards exist. A ZeRO-3
-        teacher's forwards are collective, so every rank makes the same number of them. Shards left by an
-        interrupted build are reused.
+        Call on every rank of the cell. Rank 0 verifies the cache; a complete one whose shards verify is opened
+        without the lock. Otherwise rank 0 takes the cache's lock (waiting for another cell that builds it, at
+        most `wait_s` seconds without progress by that cell; None: for ever), verifies again, and every rank
+        computes and writes its share of the shards still missing or damaged (rank r takes the r-th, r + world-th,
+        ... of them); rank 0 publishes the index once all exist. A ZeRO-3 teacher's forwards are collective, so
+        every rank makes the same number of them. Shards left by an interrupted build are verified and reused.
         """
         if kind not in CACHE_KINDS:
             raise ValueError(f"unknown teacher cache form {kind!r}; allowed: {', '.join(CACHE_KINDS)}")
@@ -341,65 +374,63 @@ class TeacherCache:
         key = cache_key(teacher_path, examples, dtype, kind, topk, cache_dir) if rank == 0 else ""
         if world > 1:
             key = _broadcast_str(key, wait_group)
-        cache_dir = Path(cache_dir)
-        root = cache_dir / f"teacher-{key}"
-        index_path = root / "index.json"
-        lock = FileLock(str(cache_dir / f"teacher-{key}.lock"))
-        if rank == 0:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
+        root = Path(cache_dir) / f"teacher-{key}"
+        lock = BuildLock(root.with_name(f"{root.name}.lock"), wait_s=wait_s, what=f"teacher cache {root.name}",
+                         setting=WAIT_SETTING)
         try:
-            need = torch.tensor([0 if index_path.exists() else 1], dtype=torch.int64)
-            if world > 1:
-                dist.broadcast(need, src=0, group=wait_group)
-            if need.item():
-                cls._build(teacher, teacher_path, examples, root, key, pad_id=pad_id, batch_size=batch_size,
-                           kind=kind, topk=topk, device=device, dtype=dtype, progress=progress,
-                           shard_examples=shard_examples, heads=(vocab, hidden))
+            shards, todo = [], None
+            try:
+                if rank == 0:
+                    shards, todo = plan_build(root, shard_plan(len(examples), world, shard_examples), len(examples),
+                                              FORMAT_VERSION, lock)
+            finally:
+                ranges = _agree(todo, root, wait_group)  # every rank hears rank 0's plan, or that it failed
+            if ranges:
+                cls._build(teacher, teacher_path, examples, root, key, shards, ranges, pad_id=pad_id,
+                           batch_size=batch_size, kind=kind, topk=topk, device=device, dtype=dtype,
+                           progress=progress, heads=(vocab, hidden), lock=lock)
             elif rank == 0:
                 log.info("teacher cache: reusing %s", root.name)
         finally:
-            if rank == 0:
-                lock.release()
+            lock.release()
         if world > 1:
             dist.barrier()  # the index is written
             dist.destroy_process_group(wait_group)
-        index = json.loads(index_path.read_text())
-        if index.get("n_examples") != len(examples):
-            raise ValueError(f"teacher cache {root} holds {index.get('n_examples')} examples, expected {len(examples)}")
-        return cls(root, index)
+        return cls(root, json.loads((root / "index.json").read_text()))
 
     @classmethod
     def _build(cls, teacher: torch.nn.Module, teacher_path: str | Path, examples: Sequence[dict], root: Path, key: str,
-               *, pad_id: int, batch_size: int, kind: str, topk: int | None, device: torch.device, dtype: torch.dtype,
-               progress: bool, shard_examples: int, heads: tuple[int, int]) -> None:
-        """Compute the cache on every rank (each its shards), then publish its index (rank 0)."""
+               shards: list[dict], ranges: list[tuple[int, int]], *, pad_id: int, batch_size: int, kind: str,
+               topk: int | None, device: torch.device, dtype: torch.dtype, progress: bool, heads: tuple[int, int],
+               lock: BuildLock) -> None:
+        """Compute the shards `ranges` on every rank (each its share), then publish the index (rank 0: `shards`
+        are all the cache's, from its plan)."""
         rank, world = _distributed()
         vocab, hidden = heads
         if rank == 0:
-            log.info("teacher cache: computing %s (%s, %d examples, %d ranks)", root.name, kind, len(examples), world)
+            log.info("teacher cache: computing %d of the %d shards of %s (%s, %d examples, %d ranks)", len(ranges),
+                     len(shards), root.name, kind, len(examples), world)
             root.mkdir(parents=True, exist_ok=True)
         if world > 1:
             dist.barrier()
-        plan = shard_plan(len(examples), world, shard_examples)
         meta = {"key": key, "kind": kind, "dtype": str(dtype)}
-        cls._build_share(teacher, examples, plan[rank::world], root, meta, pad_id=pad_id, batch_size=batch_size,
-                         kind=kind, topk=topk, device=device, progress=progress and rank == 0)
+        cls._build_share(teacher, examples, ranges[rank::world], root, meta, pad_id=pad_id, batch_size=batch_size,
+                         kind=kind, topk=topk, device=device, progress=progress and rank == 0, beat=lock.beat)
         if world > 1:
             dist.barrier()  # every shard written (a failed rank surfaces within the default timeout)
         if rank == 0:
-            index = {"format": FORMAT_VERSION, "key": key, "kind": kind, "dtype": str(dtype),
-                     "topk": topk if kind == "topk" else None, "vocab_size": vocab, "hidden_size": hidden,
-                     "n_examples": len(examples), "teacher_path": str(teacher_path),
-                     "shards": [{"file": _shard_name(a, b), "start": a, "stop": b} for a, b in plan]}
-            atomic_write_json(root / "index.json", index)
+            rebuilt = {shard_name(a, b) for a, b in ranges}
+            entries = [index_entry(root, s, s["file"] in rebuilt) for s in shards]
+            atomic_write_json(root / "index.json", {
+                "format": FORMAT_VERSION, "key": key, "kind": kind, "dtype": str(dtype),
+                "topk": topk if kind == "topk" else None, "vocab_size": vocab, "hidden_size": hidden,
+                "n_examples": len(examples), "teacher_path": str(teacher_path), "shards": entries})
 
     @staticmethod
     def _build_share(teacher, examples, shards, root: Path, meta: dict[str, str], *, pad_id, batch_size, kind,
-                     topk, device, progress) -> None:
-        """Compute and write this rank's shards (those not already on disk)."""
-        todo = [(a, b) for a, b in shards if not (root / _shard_name(a, b)).exists()]
-        batches = {(a, b): [examples[i:min(i + batch_size, b)] for i in range(a, b, batch_size)] for a, b in todo}
+                     topk, device, progress, beat: Callable[[], None]) -> None:
+        """Compute and write this rank's shards (the example ranges `shards`)."""
+        batches = {(a, b): [examples[i:min(i + batch_size, b)] for i in range(a, b, batch_size)] for a, b in shards}
         n_forwards = sum(len(v) for v in batches.values())
         if is_partitioned(teacher) and dist.is_initialized():
             most = torch.tensor([n_forwards], dtype=torch.int64, device=device)
@@ -407,12 +438,19 @@ class TeacherCache:
             n_forwards = int(most.item())
         flat = [(shard, batch) for shard, bs in batches.items() for batch in bs]
         parts = _compute_batches(teacher, [b for _, b in flat], pad_id=pad_id, kind=kind, topk=topk, device=device,
-                                 progress=progress, forwards=n_forwards)
+                                 progress=progress, forwards=n_forwards, beat=beat)
         done = 0
         for (a, b), bs in batches.items():
             tensors = _join(parts[done:done + len(bs)])
             done += len(bs)
-            _save_atomic(tensors, root / _shard_name(a, b), {**meta, "start": str(a), "stop": str(b)})
+            path = root / shard_name(a, b)
+            try:
+                _save_atomic(tensors, path, {**meta, "start": str(a), "stop": str(b)})
+            except OSError as exc:
+                raise InputError(f"teacher cache {root}: cannot write {path.name} ({exc.strerror or exc}): the cache "
+                                 "dir (paths.cache_dir) must be writable to build or repair the cache, or use "
+                                 "loss.teacher_cache=false (the live teacher)") from exc
+            beat()
 
     # ---------------------------------------------------------------- reading
     def _locate(self, index: int) -> tuple[int, int, int]:

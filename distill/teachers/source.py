@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig
 
 from distill import models
-from distill.teachers.cache import TeacherCache, resolve_kind
+from distill.options import ConfigError
+from distill.teachers.cache import WAIT_S, WAIT_SETTING, TeacherCache, resolve_kind
 from distill.train import engine as eng
 
 
@@ -52,6 +53,17 @@ def _cache_kind(cfg: DictConfig, hidden: int, vocab: int, dtype: torch.dtype) ->
     return kind
 
 
+def cache_wait_s(cfg: DictConfig) -> float | None:
+    """loss.teacher_cache_wait_s: how long a cell waits for another cell's cache build that makes no progress
+    (None: for ever); a value that is neither raises a ConfigError."""
+    value = cfg.loss.get("teacher_cache_wait_s", WAIT_S)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{WAIT_SETTING}={value!r}: must be a number of seconds >= 0, or null (wait for ever)")
+    return float(value)
+
+
 def teacher_cache(cfg: DictConfig, teacher: torch.nn.Module, train_ex: list[dict], *, pad_id: int,
                   dtype: torch.dtype, device: torch.device, rank: int) -> TeacherCache | None:
     """The teacher's outputs on `train_ex` in the form loss.teacher_cache asks for (None: the live teacher)."""
@@ -65,5 +77,5 @@ def teacher_cache(cfg: DictConfig, teacher: torch.nn.Module, train_ex: list[dict
     return TeacherCache.build_or_load(
         Path(cfg.paths.cache_dir), teacher, cfg.model.teacher.path, train_ex, pad_id=pad_id,
         batch_size=int(cfg.trainer.micro_batch_size), kind=kind, topk=cfg.loss.get("teacher_cache_topk"),
-        device=device, dtype=dtype, progress=rank == 0 and bool(cfg.trainer.progress),
+        device=device, dtype=dtype, progress=rank == 0 and bool(cfg.trainer.progress), wait_s=cache_wait_s(cfg),
     )

@@ -115,7 +115,7 @@ def test_shards_cover_the_examples_like_one_file(teacher, tiny_tokenizer, tmp_pa
     examples = _examples(tiny_tokenizer)
     one = _build(teacher, examples, tmp_path / "one", tiny_tokenizer, kind="hidden")
     many = _build(teacher, examples, tmp_path / "many", tiny_tokenizer, kind="hidden", shard_examples=3)
-    assert len(list(many.root.glob("shard-*.safetensors"))) == 4 and len(list(one.root.glob("shard-*"))) == 1
+    assert len(list(many.root.glob("shard-*.safetensors"))) == 4 and len(list(one.root.glob("shard-*.safetensors"))) == 1
     assert many.positions == one.positions > 0
     for i in range(len(examples)):
         assert torch.equal(many.rows(i), one.rows(i))
@@ -211,7 +211,7 @@ def test_an_interrupted_build_keeps_its_finished_shards(teacher, tiny_tokenizer,
     cache = _build(teacher, examples, tmp_path, tiny_tokenizer, kind="hidden", shard_examples=4)
     want = [cache.rows(i) for i in range(len(examples))]
     (cache.root / "index.json").unlink()  # as if killed before publishing, with the last shard missing
-    next(iter(sorted(cache.root.glob("shard-*"))[-1:])).unlink()
+    next(iter(sorted(cache.root.glob("shard-*.safetensors"))[-1:])).unlink()
     seen = []
     real = tc._batch_values
     monkeypatch.setattr(tc, "_batch_values", lambda t, batch, *a: seen.append(len(batch["labels"])) or real(t, batch, *a))
