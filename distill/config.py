@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.options import (CACHE_SETTINGS, DIVERGENCES, EPOCH, LOSS_IMPLS, ON_CHANGE, PRECISIONS, REPLAY_RATIOS,
                              ROLLOUTS, SELECTIONS, TAU_TARGETS, WANDB_MODES, ZERO_STAGES, ConfigError)
-from distill.losses.divergences import divergence_per_token
+from distill.losses.divergences import check_tau, divergence_per_token, per_token, resolve_params
 from distill.files import looks_local
 from distill.secrets import secret_keys
 from distill.tracking.wandb_run import wandb_key_available
@@ -114,8 +114,8 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     out.extend(_loss_problems(cfg))
     out.extend(_model_problems(cfg))
     out.extend(_rollout_problems(cfg))
-    if not cfg.eval.seeds:
-        out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    out.extend(_optimizer_problems(t))
+    out.extend(_eval_problems(cfg))
     out.extend(_reliability_problems(cfg))
     out.extend(_name_problems(cfg))
     out.extend(_logger_problems(cfg))
@@ -252,6 +252,78 @@ def _trainer_problems(t: Mapping) -> list[str]:
     return out
 
 
+def _real(value: Any) -> bool:
+    """A finite int or float (not a bool): a numeric setting is compared only once it is one."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_at_least(value: Any, low: int, null_ok: bool = False) -> bool:
+    return (value is None and null_ok) or (isinstance(value, int) and not isinstance(value, bool) and value >= low)
+
+
+def _optimizer_problems(t: Mapping) -> list[str]:
+    """The optimizer, schedule and logging keys of `trainer`: unchecked, they fail only once training runs (a NaN
+    lr in the optimizer, lr=0 in the schedule's min_lr / lr, log_every=0 at the first log line)."""
+    out = []
+    lr, floor, ratio, betas = t.get("lr"), t.get("min_lr"), t.get("min_lr_ratio", 0.1), t.get("betas", [0.9, 0.999])
+    if not (_real(lr) and lr > 0):
+        out.append(f"trainer.lr={lr!r}: the peak learning rate must be a finite number > 0 (e.g. 1e-3 for the toy "
+                   "models, 5e-5 for GPT-2)")
+    elif floor is not None and not (_real(floor) and 0 <= floor <= lr):
+        out.append(f"trainer.min_lr={floor!r}: the cosine floor must be null or a number in [0, trainer.lr={lr}]")
+    if not (_real(ratio) and 0 <= ratio <= 1):
+        out.append(f"trainer.min_lr_ratio={ratio!r}: the cosine floor as a fraction of lr must be in [0, 1]")
+    if not (isinstance(betas, Sequence) and len(betas) == 2 and all(_real(b) and 0 <= b < 1 for b in betas)):
+        out.append(f"trainer.betas={betas!r}: AdamW's betas must be two numbers in [0, 1) (e.g. [0.9, 0.95])")
+    for key, default, what in (("weight_decay", 0.0, "AdamW's decoupled weight decay"),
+                               ("grad_clip", 1.0, "the gradient-norm clip; 0 = none")):
+        if not (_real(t.get(key, default)) and t.get(key, default) >= 0):
+            out.append(f"trainer.{key}={t.get(key)!r}: must be a finite number >= 0 ({what})")
+    if not (_real(t.get("dist_timeout_s", 300)) and t.get("dist_timeout_s", 300) > 0):
+        out.append(f"trainer.dist_timeout_s={t.get('dist_timeout_s')!r}: the process-group timeout must be a number "
+                   "of seconds > 0")
+    for key, low, default, what in (("log_every", 1, 10, "steps between train-log lines"),
+                                    ("warmup_steps", 0, 0, "steps of linear warmup"),
+                                    ("keep_ckpts", 0, 1, "checkpoints kept for the resume; 0 = all")):
+        if not _int_at_least(t.get(key, default), low):
+            out.append(f"trainer.{key}={t.get(key)!r}: must be an integer >= {low} ({what})")
+    for key in ("num_threads", "select_examples"):
+        if not _int_at_least(t.get(key), 1, null_ok=True):
+            out.append(f"trainer.{key}={t.get(key)!r}: must be null (the default) or an integer >= 1")
+    return out
+
+
+def _eval_problems(cfg: DictConfig) -> list[str]:
+    """The generation settings (`eval`) and the data lengths they work within: unchecked, they fail only after
+    training, when the exported student generates."""
+    e, d, out = cfg.eval, cfg.data, []
+    seeds, sample, temp, top_p = e.get("seeds"), e.get("do_sample", True), e.get("temperature", 1), e.get("top_p", 1)
+    if not seeds:
+        out.append("eval.seeds is empty: give at least one generation seed (the anchors use [10,20,30,40,50])")
+    elif isinstance(seeds, str) or not isinstance(seeds, Sequence) or not all(_int_at_least(s, 0) for s in seeds):
+        out.append(f"eval.seeds={seeds!r}: must be a list of integer generation seeds >= 0 (e.g. [10,20,30,40,50])")
+    if not isinstance(sample, bool):
+        out.append(f"eval.do_sample={sample!r}: must be true (sampling) or false (greedy)")
+    if not (_real(temp) and (temp > 0 if sample else temp >= 0)):
+        out.append(f"eval.temperature={temp!r}: the sampling temperature must be a finite number > 0 with "
+                   "eval.do_sample=true (or eval.do_sample=false: greedy); the distillation temperature is tau")
+    if not (_real(top_p) and 0 < top_p <= 1):
+        out.append(f"eval.top_p={top_p!r}: must be in (0, 1] (1 = no nucleus truncation)")
+    for key, low, null_ok, what in (("batch_size", 1, False, "prompts per generate call"),
+                                    ("max_examples", 1, True, "examples per benchmark; null = all"),
+                                    ("max_new_tokens", 1, True, "null = data.max_length - the prompt's length"),
+                                    ("top_k", 0, False, "0 = no top-k"), ("no_repeat_ngram_size", 0, False, "0 = off")):
+        if not _int_at_least(e.get(key), low, null_ok):
+            out.append(f"eval.{key}={e.get(key)!r}: must be {'null or ' * null_ok}an integer >= {low} ({what})")
+    length, prompt = d.get("max_length"), d.get("max_prompt_length")
+    if not (_int_at_least(length, 2) and _int_at_least(prompt, 1)):
+        out.append(f"data.max_length={length!r}, data.max_prompt_length={prompt!r}: must be integers >= 2 and >= 1")
+    elif prompt > length:
+        out.append(f"data.max_prompt_length={prompt} > data.max_length={length}: the prompt is part of the sequence: "
+                   f"use data.max_prompt_length <= {length} (leaving room for the response, e.g. {length * 5 // 6})")
+    return out
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How one optimizer step of `global_batch` examples is run on `world` ranks."""
@@ -317,14 +389,44 @@ def schedule(trainer: Mapping, world_size: int, n_train: int) -> Schedule:
     return Schedule(plan, per_epoch, max_steps, every("eval_every"), every("ckpt_every"))
 
 
+# Where a divergence's parameters, inside the loss core's ranges, still leave nothing to learn: outside these the
+# probe below finds the loss exactly 0 (a mixture rounding onto one side, float32 underflow) or not finite.
+_USEFUL_PARAMS = {"skl": "alpha well below 1 (e.g. DistiLLM's 0.1: as alpha -> 1 the skewed KL vanishes)",
+                  "srkl": "alpha well below 1 (e.g. DistiLLM's 0.1: as alpha -> 1 the skewed KL vanishes)",
+                  "ab": "alpha and beta of moderate size (|alpha|, |beta| <= 10 as in ABKD; exactly 0, not a tiny "
+                        "number, for a KL limit)"}
+
+
 def _divergence_param_problems(cfg: DictConfig) -> list[str]:
-    """Let the loss core judge the divergence's parameters on a tiny input: one source of truth."""
+    """Let the loss core judge the divergence's parameters on a tiny input (one source of truth), then probe the
+    loss on two different distributions at the cell's tau: exactly 0 or not finite there, it is so at every step."""
+    name, tau, target = cfg.divergence.name, float(cfg.tau), cfg.loss.tau_target
     params = {k: v for k, v in cfg.divergence.items() if k != "name"}
     try:
-        divergence_per_token(cfg.divergence.name, torch.zeros(1, 3), torch.zeros(1, 3), tau=float(cfg.tau), **params)
+        divergence_per_token(name, torch.zeros(1, 3), torch.zeros(1, 3), tau=tau, **params)
     except ValueError as exc:
-        return [f"divergence={cfg.divergence.name}: {exc}"]
-    return []
+        return [f"divergence={name}: {exc}"]
+    if float(cfg.loss.kd_ratio) == 0 or target not in TAU_TARGETS:
+        return []  # SFT has no divergence term; a bad tau_target is _loss_problems' to report
+    if (verdict := _probe(name, params, tau, target)) is None:
+        return []
+    if params and _probe(name, {}, tau, target) is None:
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        return [f"divergence={name} ({shown}): the loss is {verdict} on two different distributions at tau={tau:g} "
+                "(float32 rounding: no training signal, at most noise): use "
+                f"{_USEFUL_PARAMS.get(name, 'other values')} (defaults: {resolve_params(name, {})})"]
+    why = "the logits / tau overflow" if verdict == "not finite" else "both distributions flatten to uniform"
+    return [f"tau={tau:g}: the {name} loss is {verdict} on two different distributions at this temperature ({why} in "
+            "float32), so at every step: use a tau of order 1 (0.5 to 10 in the literature)"]
+
+
+def _probe(name: str, params: dict, tau: float, tau_target: str) -> str | None:
+    """'exactly 0' or 'not finite' when divergence `name` with `params` at `tau` is that at every position of two
+    different random distributions (a fixed seed: the verdict never changes), else None."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
+    loss = per_token(name, student, teacher, *check_tau(tau, tau_target), resolve_params(name, params))
+    return "not finite" if not bool(torch.isfinite(loss).all()) else "exactly 0" if bool((loss == 0).all()) else None
 
 
 def _rollout_problems(cfg: DictConfig) -> list[str]:

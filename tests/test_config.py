@@ -190,3 +190,133 @@ def test_cell_configs_equal_hydras_own_composition(tmp_path):
 def test_split_sweep_tells_sweeps_from_plain_overrides():
     plain, sweeps = split_sweep(["tau=1.0,2.0", "seed=0", "eval.seeds=[10,20]", "divergence=glob(*)", "+x=range(1,3)"])
     assert plain == ["seed=0", "eval.seeds=[10,20]"] and sweeps == ["tau=1.0,2.0", "divergence=glob(*)", "+x=range(1,3)"]
+
+
+# ------------------------------------------------------------------ settings that cannot train (issue 31)
+def _only_problem(*overrides: str) -> str:
+    """The one problem `experiment=smoke` + `overrides` has: one line, naming what was given."""
+    found = problems(compose(["experiment=smoke", *overrides]))
+    assert len(found) == 1 and "\n" not in found[0], found
+    return found[0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5"])
+def test_log_every_below_one_is_refused_before_the_first_log_line_divides_by_it(value):
+    assert _only_problem(f"trainer.log_every={value}").startswith(f"trainer.log_every={value}: must be an integer >= 1")
+
+
+@pytest.mark.parametrize("overrides", [["eval.temperature=0"], ["eval.temperature=-1"],
+                                       ["eval.temperature=-1", "eval.do_sample=false"], ["eval.temperature=nan"]])
+def test_a_sampling_temperature_that_cannot_sample_is_refused(overrides):
+    msg = _only_problem(*overrides)
+    assert msg.startswith("eval.temperature=") and "finite number > 0 with eval.do_sample=true" in msg
+    assert "distillation temperature is tau" in msg  # the two temperatures are easy to mix up
+
+
+def test_a_zero_temperature_is_fine_for_greedy_generation():
+    assert problems(compose(["experiment=smoke", "eval.temperature=0", "eval.do_sample=false"])) == []
+
+
+def test_a_prompt_longer_than_the_sequence_is_refused():
+    msg = _only_problem("data.max_prompt_length=200", "data.max_length=192")
+    assert msg.startswith("data.max_prompt_length=200 > data.max_length=192") and "<= 192" in msg
+    assert problems(compose(["experiment=smoke", "data.max_prompt_length=192", "data.max_length=192"])) == []
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-inf", "0", "0.0", "-1e-3", "'1e-3'"])
+def test_a_learning_rate_that_cannot_train_is_refused(lr):
+    msg = _only_problem(f"trainer.lr={lr}")
+    assert msg.startswith("trainer.lr=") and "must be a finite number > 0" in msg
+
+
+def _zero_everywhere(name: str, tau: float, tau_target: str = "both", scale: float = 1.0, **params) -> bool:
+    """Is the divergence exactly 0 on other distributions than the config check's probe (another draw, logits of
+    `scale` times its spread)?"""
+    import torch
+
+    from distill.losses.divergences import check_tau, per_token, resolve_params
+
+    g = torch.Generator().manual_seed(123)
+    s, t = scale * torch.randn(16, 300, generator=g), scale * torch.randn(16, 300, generator=g)
+    return bool((per_token(name, s, t, *check_tau(tau, tau_target), resolve_params(name, params)) == 0).all())
+
+
+@pytest.mark.parametrize(("divergence", "params", "useful"), [
+    ("skl", {"alpha": 0.999999999}, "alpha well below 1"),
+    ("srkl", {"alpha": 0.999999999}, "alpha well below 1"),
+    ("ab", {"alpha": 100, "beta": 100}, "|alpha|, |beta| <= 10"),
+    ("ab", {"alpha": 1e-20, "beta": 1}, "exactly 0, not a tiny number"),
+])
+def test_divergence_parameters_whose_loss_is_identically_zero_are_refused_with_their_useful_range(
+        divergence, params, useful):
+    assert _zero_everywhere(divergence, 1.0, **params)  # not an accident of the probe's one draw
+    msg = _only_problem(f"divergence={divergence}", *(f"divergence.{k}={v}" for k, v in params.items()))
+    assert msg.startswith(f"divergence={divergence} (") and "the loss is exactly 0 on two different distributions" in msg
+    assert "no training signal" in msg
+    assert useful in msg and "defaults:" in msg
+
+
+def test_a_tau_that_flattens_both_distributions_is_refused():
+    assert _zero_everywhere("fkl", 1e9, scale=10.0)  # wide, LM-like logits too: 0 at every step
+    msg = _only_problem("tau=1e9")
+    assert msg.startswith("tau=1e+09: the fkl loss is exactly 0") and "tau of order 1" in msg
+    # Softening only the teacher leaves the student's distribution: a loss, so no refusal; SFT has no divergence.
+    assert not _zero_everywhere("fkl", 1e9, "teacher", scale=10.0)
+    assert problems(compose(["experiment=smoke", "tau=1e9", "loss.tau_target=teacher"])) == []
+    assert problems(compose(["experiment=smoke", "tau=1e9", "loss.kd_ratio=0"])) == []
+
+
+@pytest.mark.parametrize("overrides", [["divergence=ab", "divergence.alpha=-100", "divergence.beta=200"], ["tau=1e-40"]])
+def test_a_divergence_that_is_not_finite_on_ordinary_distributions_is_refused(overrides):
+    assert "is not finite on two different distributions" in _only_problem(*overrides)
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "ab"])
+def test_every_divergence_at_its_defaults_trains_at_the_usual_temperatures(divergence):
+    cfg = compose(["experiment=smoke", f"divergence={divergence}"])
+    for tau in (0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0):
+        for target in ("both", "teacher"):
+            cfg.tau, cfg.loss.tau_target = tau, target
+            assert problems(cfg) == [], (divergence, tau, target)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("eval.batch_size=0", "eval.batch_size=0: must be an integer >= 1"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens=0: must be null or an integer >= 1"),
+    ("eval.max_examples=0", "eval.max_examples=0: must be null or an integer >= 1"),
+    ("eval.top_p=0", "eval.top_p=0: must be in (0, 1]"),
+    ("eval.top_p=1.5", "eval.top_p=1.5: must be in (0, 1]"),
+    ("eval.top_k=-1", "eval.top_k=-1: must be an integer >= 0"),
+    ("eval.no_repeat_ngram_size=-1", "eval.no_repeat_ngram_size=-1: must be an integer >= 0"),
+    ("eval.seeds=[1.5,2]", "eval.seeds=[1.5, 2]: must be a list of integer generation seeds"),
+    ("eval.seeds=[a,b]", "eval.seeds=['a', 'b']: must be a list of integer generation seeds"),
+    ("eval.seeds=10", "eval.seeds=10: must be a list of integer generation seeds"),
+    ("eval.do_sample=maybe", "eval.do_sample='maybe': must be true (sampling) or false (greedy)"),
+])
+def test_generation_settings_that_would_fail_after_training_are_refused_up_front(override, expected):
+    assert _only_problem(override).startswith(expected)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("trainer.min_lr=1", "trainer.min_lr=1: the cosine floor must be null or a number in [0, trainer.lr=0.001]"),
+    ("trainer.min_lr_ratio=2", "trainer.min_lr_ratio=2: the cosine floor as a fraction of lr must be in [0, 1]"),
+    ("trainer.betas=[0.9]", "trainer.betas=[0.9]: AdamW's betas must be two numbers in [0, 1)"),
+    ("trainer.betas=[0.9,1.0]", "trainer.betas=[0.9, 1.0]: AdamW's betas must be two numbers in [0, 1)"),
+    ("trainer.weight_decay=nan", "trainer.weight_decay=nan: must be a finite number >= 0"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip=-1: must be a finite number >= 0"),
+    ("trainer.warmup_steps=-1", "trainer.warmup_steps=-1: must be an integer >= 0"),
+    ("trainer.keep_ckpts=-1", "trainer.keep_ckpts=-1: must be an integer >= 0"),
+    ("trainer.dist_timeout_s=0", "trainer.dist_timeout_s=0: the process-group timeout must be a number of seconds > 0"),
+    ("trainer.num_threads=0", "trainer.num_threads=0: must be null (the default) or an integer >= 1"),
+    ("trainer.select_examples=0", "trainer.select_examples=0: must be null (the default) or an integer >= 1"),
+])
+def test_optimizer_and_schedule_settings_that_would_fail_in_training_are_refused_up_front(override, expected):
+    assert _only_problem(override).startswith(expected)
+
+
+def test_check_config_raises_the_new_problems_as_one_config_error_listing_each():
+    with pytest.raises(ConfigError) as err:
+        check_config(compose(["experiment=smoke", "trainer.log_every=0", "trainer.lr=nan", "eval.batch_size=0"]))
+    lines = str(err.value).strip().splitlines()
+    assert [line.split(":")[0].lstrip("- ") for line in lines] == ["trainer.lr=nan", "trainer.log_every=0",
+                                                                    "eval.batch_size=0"]
