@@ -99,7 +99,8 @@ def _wrong(where: str, value: Any, want: Any, required: bool = False) -> str | N
     if value is None and not required:
         return None
     if want in (_NUMBER, _FINITE):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (want is _NUMBER or math.isfinite(value))
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (want is _NUMBER or math.isfinite(value))
     else:
         ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
     return None if ok else f"{where} must be {_TYPE_NAMES.get(want, want)}, got {json.dumps(value, default=str)[:40]}"
@@ -108,7 +109,8 @@ def _wrong(where: str, value: Any, want: Any, required: bool = False) -> str | N
 def _checks(m: dict[str, Any]) -> Iterator[str | None]:
     """One verdict of `_wrong` per field the report reads, blocks before what is inside them."""
     yield from (_wrong(k, m.get(k), t) for k, t in _TOP_KEYS.items())
-    yield from (_wrong(f"cell.{k}", m["cell"].get(k), t, k in ("divergence", "tau", "seed")) for k, t in _CELL_KEYS.items())
+    yield from (_wrong(f"cell.{k}", m["cell"].get(k), t, k in ("divergence", "tau", "seed"))
+                for k, t in _CELL_KEYS.items())
     yield from (_wrong(f"valid.{k}", v, _NUMBER, True) for k, v in (m.get("valid") or {}).items())
     yield from (_wrong(f"attempts[{i}]", a, dict, True) for i, a in enumerate(m.get("attempts") or []))
     for bench, ev in (m.get("eval") or {}).items():
