@@ -244,13 +244,34 @@ def _allowed_globals() -> list:
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = None, mmap: bool = False) -> Any:
-    """`torch.load` with weights_only=True and the DeepSpeed allowlist; CheckpointError on any refusal."""
+    """`torch.load` with weights_only=True and the DeepSpeed allowlist; CheckpointError on any refusal.
+
+    The error says why in distill's words: torch's own message (kept out of the chain, so out of the cell's log
+    too) offers `weights_only=False`, the very load that would run whatever the file pickled.
+    """
     with torch.serialization.safe_globals(_allowed_globals()):
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except Exception as exc:  # UnpicklingError for planted objects; RuntimeError/EOFError for corrupt files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: refused by the weights-only loader ({first})") from exc
+            raise CheckpointError(f"{path}: not a weights-only checkpoint written by distill ({_refusal(exc)})") from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch's message sets a phrase in bold
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)")
+
+
+def _refusal(exc: Exception) -> str:
+    """Why the weights-only loader refused a file, one short phrase that never suggests the unsafe load."""
+    text = _ANSI.sub("", str(exc))
+    if found := _UNSAFE_GLOBAL.search(text):
+        return f"it pickles {found.group(1)}, which only a loader that runs the file's code would rebuild"
+    if found := _UNPICKLER_ERROR.search(text):
+        return f"the weights-only unpickler refused it: {found.group(1).strip()}"
+    if "_use_new_zipfile_serialization" in text:  # torch.save and DeepSpeed write the zip format (mmap needs it)
+        return "not in torch's zip format: a plain pickle, a legacy torch.save, or no checkpoint at all"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first[:200]}" if first and "weights_only" not in first else type(exc).__name__
 
 
 class WeightsOnlyCheckpointEngine:
@@ -286,12 +307,16 @@ def check_checkpoint(ckpt_dir: Path) -> str:
     """
     ckpt_dir = Path(ckpt_dir)
     fix = f"delete {ckpt_dir} (or rerun with force=true) to start this cell over"
-    tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
-    if not CKPT_TAG.match(tag) or not (ckpt_dir / tag).is_dir():
+    try:  # a `latest` that is a dir, a tag dir without read permission: one line too, not a traceback
+        tag = (ckpt_dir / "latest").read_text(errors="replace").strip()
+        ok = bool(CKPT_TAG.match(tag)) and (ckpt_dir / tag).is_dir()
+        # DeepSpeed's files (*.pt) are pickles; other state saved in the tag dir (a rollout's) is safetensors.
+        files = sorted(p for p in (ckpt_dir / tag).iterdir() if p.is_file() and p.suffix == ".pt") if ok else []
+    except OSError as exc:
+        raise CheckpointError(f"{ckpt_dir}: cannot be read ({exc.strerror or exc}): {fix}") from None
+    if not ok:
         raise CheckpointError(f"{ckpt_dir / 'latest'} names {tag[:40]!r}, not a checkpoint written here "
                               f"(step<8 digits> with its dir): {fix}")
-    # DeepSpeed's files (*.pt) are pickles; other state saved in the tag dir (a rollout's) is safetensors.
-    files = sorted(p for p in (ckpt_dir / tag).iterdir() if p.is_file() and p.suffix == ".pt")
     if not files:
         raise CheckpointError(f"{ckpt_dir / tag} is empty: {fix}")
     for f in files:

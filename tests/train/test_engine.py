@@ -107,6 +107,56 @@ def test_a_truncated_checkpoint_file_is_one_line(saved):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
+def _pickle_only(path: Path, how: str) -> None:
+    """Rewrite a genuine checkpoint file so that only an unsafe load (weights_only=False) reads it back."""
+    import argparse
+
+    import numpy as np
+
+    obj = torch.load(path, weights_only=False)
+    if how == "a foreign object":  # e.g. another trainer's torch.save(..., args)
+        torch.save({**obj, "args": argparse.Namespace(lr=1e-3)}, path)
+    elif how == "numpy arrays":
+        torch.save({**obj, "rng": np.random.get_state()}, path)
+    elif how == "a legacy torch.save":
+        torch.save({**obj, "args": argparse.Namespace(lr=1e-3)}, path, _use_new_zipfile_serialization=False)
+    else:  # a plain pickle
+        path.write_bytes(pickle.dumps({"args": argparse.Namespace(lr=1e-3)}))
+
+
+@pytest.mark.parametrize("how", ["a foreign object", "numpy arrays", "a legacy torch.save", "a plain pickle"])
+def test_a_pickle_only_checkpoint_dir_is_one_line_that_never_suggests_weights_only_false(saved, how):
+    ckpt_dir = saved / eng.CKPT_DIR
+    files = sorted((ckpt_dir / "step00000001").glob("*.pt"))
+    assert len(files) == 2
+    for f in files:
+        _pickle_only(f, how)
+        with pytest.raises(Exception) as torch_says:  # what torch itself answers: load it unsafely
+            torch.load(f, weights_only=True)
+        assert "weights_only" in str(torch_says.value) or "zip" in str(torch_says.value)
+        if how != "a plain pickle":  # torch.load reads no bare pickle at all
+            torch.load(f, weights_only=False)  # a pickle-only file: it does load that way
+    with pytest.raises(CheckpointError) as err:
+        eng.load_latest_checkpoint(_engine(1), saved)
+    msg = str(err.value)
+    assert "\n" not in msg and "\x1b" not in msg and msg.startswith(str(files[0]))
+    assert "not a weights-only checkpoint written by distill" in msg
+    assert f"delete {ckpt_dir}" in msg and "force=true" in msg
+    assert "weights_only" not in msg and "can still be loaded" not in msg
+    # torch's advice stays out of the cell's log too: the traceback has no chained cause
+    for e in (err.value, pytest.raises(CheckpointError, eng.check_checkpoint, ckpt_dir).value):
+        assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__)
+
+
+def test_a_latest_that_cannot_be_read_is_one_line(saved):
+    latest = saved / eng.CKPT_DIR / "latest"
+    latest.unlink()
+    latest.mkdir()
+    with pytest.raises(CheckpointError) as err:
+        eng.load_latest_checkpoint(_engine(1), saved)
+    assert "\n" not in str(err.value) and "cannot be read" in str(err.value) and "force=true" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- learning-rate schedule
 
 
