@@ -266,8 +266,7 @@ def build_once(path: Path, compute: Callable[[], dict[str, torch.Tensor]], metad
 
 # --------------------------------------------------------------------------------------------- layout
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write one shard and its checksum record (`distill.teachers.shards.write_checked`; a test wraps this name to
-    see which rank wrote which shard)."""
+    """Write one shard and its checksum record (a test wraps this name: which rank wrote which shard)."""
     write_checked(tensors, path, metadata)
 
 
@@ -287,21 +286,20 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _agree(todo: list[dict] | None, root: Path, group) -> list[tuple[int, int]]:
-    """Rank 0's shards to build (`todo`; None on rank 0: it failed) as example ranges, on every rank. The other
-    ranks stop with one line when rank 0 failed (rank 0's own error says why)."""
+def _agree(todo: list[dict] | None, failed: bool, root: Path, group) -> list[tuple[int, int]] | None:
+    """Rank 0's plan on every rank: None (the cache is whole) or the example ranges of the shards to build (maybe
+    none: only the index to write). When rank 0 `failed` the other ranks stop with one line (its error says why)."""
     rank, world = _distributed()
-    ranges = [(int(s["start"]), int(s["stop"])) for s in todo or []]
+    ranges = None if todo is None else [(int(s["start"]), int(s["stop"])) for s in todo]
     if world == 1:
         return ranges
-    head = torch.tensor([-1 if rank == 0 and todo is None else len(ranges)], dtype=torch.int64)
+    head = torch.tensor([-2 if failed else -1 if ranges is None else len(ranges)], dtype=torch.int64)
     dist.broadcast(head, src=0, group=group)
-    if int(head) < 0:
-        if rank == 0:
-            return []
+    if int(head) == -2 and rank != 0:
         raise InputError(f"teacher cache {root}: rank 0 could not open or build it (its log says why)")
-    body = torch.tensor(ranges, dtype=torch.int64).reshape(-1, 2) if rank == 0 else torch.zeros(int(head), 2,
-                                                                                               dtype=torch.int64)
+    if int(head) < 0:
+        return None
+    body = torch.tensor(ranges if rank == 0 else [(0, 0)] * int(head), dtype=torch.int64).reshape(-1, 2)
     if int(head):
         dist.broadcast(body, src=0, group=group)
     return [(a, b) for a, b in body.tolist()]
@@ -378,14 +376,15 @@ class TeacherCache:
         lock = BuildLock(root.with_name(f"{root.name}.lock"), wait_s=wait_s, what=f"teacher cache {root.name}",
                          setting=WAIT_SETTING)
         try:
-            shards, todo = [], None
+            shards, todo, failed = [], None, True
             try:
                 if rank == 0:
                     shards, todo = plan_build(root, shard_plan(len(examples), world, shard_examples), len(examples),
                                               FORMAT_VERSION, lock)
+                failed = False
             finally:
-                ranges = _agree(todo, root, wait_group)  # every rank hears rank 0's plan, or that it failed
-            if ranges:
+                ranges = _agree(todo, failed, root, wait_group)  # every rank hears rank 0's plan, or that it failed
+            if ranges is not None:
                 cls._build(teacher, teacher_path, examples, root, key, shards, ranges, pad_id=pad_id,
                            batch_size=batch_size, kind=kind, topk=topk, device=device, dtype=dtype,
                            progress=progress, heads=(vocab, hidden), lock=lock)
@@ -408,8 +407,8 @@ class TeacherCache:
         rank, world = _distributed()
         vocab, hidden = heads
         if rank == 0:
-            log.info("teacher cache: computing %d of the %d shards of %s (%s, %d examples, %d ranks)", len(ranges),
-                     len(shards), root.name, kind, len(examples), world)
+            log.info("teacher cache: computing %d of the %d shards of %s (%s, %d examples, %d ranks), then its index",
+                     len(ranges), len(shards), root.name, kind, len(examples), world)
             root.mkdir(parents=True, exist_ok=True)
         if world > 1:
             dist.barrier()

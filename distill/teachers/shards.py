@@ -166,12 +166,13 @@ def index_entry(root: Path, shard: dict, rebuilt: bool) -> dict:
 
 
 def plan_build(root: Path, plan: list[tuple[int, int]], n_examples: int, version: str,
-               lock: BuildLock) -> tuple[list[dict], list[dict]]:
-    """(all the cache's shards, those to build): none when the cache is whole and verifies, read without the lock;
-    otherwise the lock is taken (held on for the build) and the cache verified again under it."""
+               lock: BuildLock) -> tuple[list[dict], list[dict] | None]:
+    """(all the cache's shards, those to build). None to build when the cache is whole and verifies: it was
+    read without the lock. Otherwise the lock is taken (held on for the build), the cache verified again under it,
+    and the shards to build listed: maybe none (another cell finished it: None; only the index to write: [])."""
     found = survey(root, plan, n_examples, version, lock.beat)
-    if not found.todo:
-        return found.shards, []
+    if found.indexed and not found.todo:
+        return found.shards, None
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
@@ -183,9 +184,11 @@ def plan_build(root: Path, plan: list[tuple[int, int]], n_examples: int, version
                          f"({exc.strerror or exc}): make it writable or point paths.cache_dir at a writable dir "
                          "(loss.teacher_cache=false uses the live teacher)") from exc
     found = survey(root, plan, n_examples, version, lock.beat)  # another cell may have built or repaired it
+    if found.indexed and not found.todo:
+        return found.shards, None
     if found.index_problem:
-        log.warning("teacher cache %s: index.json %s: rebuilding what it cannot vouch for", root.name,
-                    found.index_problem)
+        log.warning("teacher cache %s: index.json %s: writing it again (the shards that do not verify are rebuilt)",
+                    root.name, found.index_problem)
     for shard, why in found.todo:
         if why:
             log.warning("teacher cache %s: shard %s %s: rebuilding it", root.name, shard["file"], why)

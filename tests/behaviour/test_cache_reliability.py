@@ -41,7 +41,8 @@ def recomputed(monkeypatch) -> list[int]:
     """The sizes of the batches the teacher is run on from now on (the shards rebuilt)."""
     seen: list[int] = []
     real = tc._batch_values
-    monkeypatch.setattr(tc, "_batch_values", lambda t, batch, *a: seen.append(len(batch["labels"])) or real(t, batch, *a))
+    monkeypatch.setattr(tc, "_batch_values",
+                        lambda t, batch, *a: seen.append(len(batch["labels"])) or real(t, batch, *a))
     return seen
 
 
@@ -51,7 +52,8 @@ def _rows(cache) -> list[torch.Tensor]:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("distill.teachers")]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("distill.teachers")]
 
 
 def _alter_values(path: Path) -> None:
@@ -112,7 +114,8 @@ def test_each_shard_is_read_once_per_process_and_an_edit_that_keeps_the_mtime_is
     monkeypatch.setattr(hashing, "open", lambda p, *a, **k: hashed.append(Path(p).name) or real_open(p, *a, **k),
                         raising=False)
     _build(teacher, examples, tmp_path, tiny_tokenizer, **SHARDS)  # the first open after the build verifies
-    assert sorted(n for n in hashed if n.startswith("shard-")) == sorted(p.name for p in cache.root.glob("shard-*.safetensors"))
+    shards = sorted(p.name for p in cache.root.glob("shard-*.safetensors"))
+    assert sorted(n for n in hashed if n.startswith("shard-")) == shards
     hashed.clear()
     _build(teacher, examples, tmp_path, tiny_tokenizer, **SHARDS)
     assert [n for n in hashed if n.startswith("shard-")] == []  # the verdicts are remembered
@@ -173,6 +176,22 @@ def test_a_truncated_or_missing_shard_is_rebuilt_with_one_warning(damage, teache
     caplog.clear()
     _build(teacher, examples, tmp_path, tiny_tokenizer, **SHARDS)  # repaired for good: the next cell is quiet
     assert recomputed == [] and _warnings(caplog) == []
+
+
+def test_an_unreadable_index_is_written_again_from_the_shards_that_verify(teacher, tiny_tokenizer, tmp_path, caplog,
+                                                                         recomputed):
+    examples = _examples(tiny_tokenizer)
+    cache = _build(teacher, examples, tmp_path, tiny_tokenizer, **SHARDS)
+    want, index = _rows(cache), json.loads((cache.root / "index.json").read_text())
+    (cache.root / "index.json").write_text('{"format": "3", "shards": [')  # half an index
+    recomputed.clear()
+    with caplog.at_level(logging.WARNING):
+        again = _build(teacher, examples, tmp_path, tiny_tokenizer, **SHARDS)
+    [warning] = _warnings(caplog)
+    assert "index.json cannot be read" in warning and "writing it again" in warning
+    assert recomputed == []  # each shard verified against the checksum record written with it
+    assert json.loads((cache.root / "index.json").read_text()) == index
+    assert all(torch.equal(a, b) for a, b in zip(_rows(again), want))
 
 
 def test_a_damaged_cache_in_a_read_only_dir_is_refused_in_one_line(teacher, tiny_tokenizer, tmp_path, monkeypatch,

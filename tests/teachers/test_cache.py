@@ -1,13 +1,18 @@
+import datetime
 import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, GPT2LMHeadModel
 
 from distill.teachers import cache as tc
+from distill.teachers.build_lock import BuildLock
 from distill.losses.chunked import fused_distillation_loss
 from distill.data.records import Record
 from distill.data.encoding import collate_train, encode_example
@@ -115,7 +120,8 @@ def test_shards_cover_the_examples_like_one_file(teacher, tiny_tokenizer, tmp_pa
     examples = _examples(tiny_tokenizer)
     one = _build(teacher, examples, tmp_path / "one", tiny_tokenizer, kind="hidden")
     many = _build(teacher, examples, tmp_path / "many", tiny_tokenizer, kind="hidden", shard_examples=3)
-    assert len(list(many.root.glob("shard-*.safetensors"))) == 4 and len(list(one.root.glob("shard-*.safetensors"))) == 1
+    assert len(list(many.root.glob("shard-*.safetensors"))) == 4
+    assert len(list(one.root.glob("shard-*.safetensors"))) == 1
     assert many.positions == one.positions > 0
     for i in range(len(examples)):
         assert torch.equal(many.rows(i), one.rows(i))
@@ -264,3 +270,63 @@ def test_cells_starting_together_compute_once(teacher, tiny_tokenizer, tmp_path)
         keys = pool.map(_race, [args] * 3)
     assert len(set(keys)) == 1
     assert marker.read_text() == "x"  # one process computed (one batch), the others waited on the lock and loaded
+
+
+def _two_ranks(rank, teacher_dir, cache_dir, examples, pad_id, port, out_dir, phase):
+    """One of two gloo ranks opening the cache together; writes what it wrote or the error it stopped with."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=300))
+    written = []
+    real = tc._save_atomic
+    tc._save_atomic = lambda tensors, path, meta: written.append(path.name) or real(tensors, path, meta)
+    if phase == "refuse" and rank == 0:  # rank 0 cannot create the lock file (a read-only cache dir)
+        BuildLock.acquire = lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(self.path)))
+    result = {"written": written}
+    try:
+        tc.TeacherCache.build_or_load(cache_dir, GPT2LMHeadModel.from_pretrained(teacher_dir), teacher_dir, examples,
+                                      pad_id=pad_id, batch_size=3, kind="hidden", device=torch.device("cpu"),
+                                      dtype=torch.float32, progress=False, shard_examples=4)
+    except tc.InputError as exc:
+        result["error"] = str(exc)
+    with open(os.path.join(out_dir, f"{phase}-{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def _run_two_ranks(teacher, examples, tmp_path, tok, phase):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    args = (str(teacher[1]), str(tmp_path / "cache"), examples, tok.pad_token_id, port, str(tmp_path), phase)
+    procs = [ctx.Process(target=_two_ranks, args=(r, *args)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    return [json.loads((tmp_path / f"{phase}-{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_ranks_repair_the_damaged_shards_together_and_stop_together_when_rank0_cannot(teacher, tiny_tokenizer,
+                                                                                          tmp_path):
+    """Rank 0 verifies and says which shards to rebuild; the ranks share them; when rank 0 cannot (no writable
+    dir), every rank stops with one line instead of waiting for it."""
+    examples = _examples(tiny_tokenizer)
+    built = _run_two_ranks(teacher, examples, tmp_path, tiny_tokenizer, "build")
+    names = sorted(n for r in built for n in r["written"])
+    assert len(names) == 4 and all(len(r["written"]) == 2 for r in built)  # shards 0-3, 3-6, 6-9, 9-10
+    [root] = (tmp_path / "cache").glob("teacher-*/")
+    want = {n: {k: v.clone() for k, v in load_file(str(root / n)).items()} for n in names}
+    (root / names[1]).unlink()
+    (root / names[3]).write_bytes(b"damaged")
+    repaired = _run_two_ranks(teacher, examples, tmp_path, tiny_tokenizer, "repair")
+    assert [r["written"] for r in repaired] == [[names[1]], [names[3]]]  # one each
+    for n in names:  # the same values (not the same bytes: safetensors orders the metadata as it likes)
+        got = load_file(str(root / n))
+        assert got.keys() == want[n].keys() and all(torch.equal(got[k], want[n][k]) for k in got)
+    (root / names[3]).write_bytes(b"damaged")
+    refused = _run_two_ranks(teacher, examples, tmp_path, tiny_tokenizer, "refuse")
+    assert "is not writable" in refused[0]["error"] and names[3] in refused[0]["error"]
+    assert "rank 0 could not open or build it" in refused[1]["error"]
+    assert all(r["written"] == [] for r in refused)
