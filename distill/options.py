@@ -65,3 +65,9 @@ class CellBusy(InputError):
 
 class LockLost(CellBusy):
     """This run's cell lock was taken over (it was judged dead): it stops without writing a result."""
+
+
+class OutputError(InputError, OSError):
+    """A result file, checkpoint or export cannot be written: no space left, over quota, a read-only or forbidden
+    dir (distill.files.output_error). One line naming the path and what to do; nothing half-written stays. Still
+    an OSError (with its errno), so code that tolerates a failed write (a memo, a lock record) goes on doing so."""

@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import CONF_DIR, cell_configs, compose, grid_cells, split_sweep
-from distill.options import CellBusy, ConfigError, InputError
+from distill.files import output_error
+from distill.options import CellBusy, ConfigError, InputError, OutputError
 from distill.secrets import secret_keys, secret_overrides
 from distill.train.run import run_cell
 
@@ -23,14 +25,23 @@ from distill.train.run import run_cell
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_cell(cfg)
-    except ConfigError as exc:
-        # A bad config or input is the user's to fix: one readable message (the traceback is in the cell's log).
-        kind = "cell busy" if isinstance(exc, CellBusy) else "input error" if isinstance(exc, InputError) \
-            else "config error"
-        print(f"distill-train: {kind}: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except ConfigError as exc:  # OutputError included: it is an OSError too
+        _one_line(exc)
+    except OSError as exc:  # a write outside the atomic writers (an append) on a full or read-only disk: one line too
+        if (err := output_error(exc, exc.filename or cfg.paths.root)) is None:
+            raise
+        _one_line(err)
     scores = [r["rougeL_mean"] for r in (metrics or {}).get("eval", {}).values()]
     return sum(scores) / len(scores) if scores else None
+
+
+def _one_line(exc: ConfigError) -> NoReturn:
+    """A bad config, input or output is the user's to fix: one readable line and exit 2 (the traceback is in the
+    cell's log)."""
+    kind = ("cell busy" if isinstance(exc, CellBusy) else "output error" if isinstance(exc, OutputError)
+            else "input error" if isinstance(exc, InputError) else "config error")
+    print(f"distill-train: {kind}: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 def multirun_secrets(argv: list[str]) -> list[str]:

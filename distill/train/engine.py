@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from distill.config import BatchPlan, batch_plan
 from distill.options import CheckpointError
-from distill.files import atomic_path
+from distill.files import atomic_path, atomic_write_text, output_error
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +288,37 @@ class WeightsOnlyCheckpointEngine:
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: int) -> None:
-    """Collective save (every rank writes its shard), then rank 0 prunes all but the last `keep` tags."""
-    ckpt_dir = Path(run_dir) / CKPT_DIR
-    engine.save_checkpoint(str(ckpt_dir), tag=checkpoint_dir(run_dir, step).name, client_state=client_state)
+    """Collective save (every rank writes its shard); then rank 0 points `latest` at it (atomically: DeepSpeed's
+    own `latest` is written in place) and prunes all but the last `keep` tags.
+
+    A save that fails leaves nothing half-written: its tag dir goes, and `latest` names the last complete
+    checkpoint (none, if the failed save was overwriting that one). A full disk, a quota, a read-only or forbidden
+    dir is one OutputError line naming the checkpoint and what to do.
+    """
+    ckpt_dir, tag = Path(run_dir) / CKPT_DIR, checkpoint_dir(run_dir, step)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag.name, client_state=client_state, save_latest=False)
+    except BaseException as exc:
+        if dist.get_rank() == 0:
+            _drop_partial(ckpt_dir, tag)
+        if isinstance(exc, OSError) and (err := output_error(exc, tag)) is not None:
+            raise err from exc
+        raise
     dist.barrier()
-    if dist.get_rank() == 0 and keep > 0:
+    if dist.get_rank() == 0:
+        atomic_write_text(ckpt_dir / "latest", tag.name)
         tags = sorted(p for p in ckpt_dir.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
+        for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _drop_partial(ckpt_dir: Path, tag: Path) -> None:
+    """Remove the tag dir a failed save left, and `latest` when it named that dir: no resume from half a save."""
+    with contextlib.suppress(OSError):
+        if (ckpt_dir / "latest").read_text(errors="replace").strip() == tag.name:
+            (ckpt_dir / "latest").unlink()
+    shutil.rmtree(tag, ignore_errors=True)
 
 
 def check_checkpoint(ckpt_dir: Path) -> str:

@@ -3,6 +3,7 @@ learning-rate schedule (transformers' warmup + cosine) equals the hand-written o
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import pickle
@@ -12,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.options import CheckpointError
+from distill.options import CheckpointError, OutputError
 from distill.train import engine as eng
 from distill.train.engine import lr_schedule
 
@@ -155,6 +156,67 @@ def test_a_latest_that_cannot_be_read_is_one_line(saved):
     with pytest.raises(CheckpointError) as err:
         eng.load_latest_checkpoint(_engine(1), saved)
     assert "\n" not in str(err.value) and "cannot be read" in str(err.value) and "force=true" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- a full disk (issue 31)
+def _full_disk(code: int):
+    """A writer that writes half of its file, then fails as a full (or read-only) disk does."""
+    def write(state_dict, path: str) -> None:  # TorchCheckpointEngine.save's own signature (called by keyword)
+        Path(path).write_bytes(b"PK\x03\x04 half a file")
+        raise OSError(code, os.strerror(code))
+
+    return write
+
+
+@pytest.mark.parametrize(("code", "todo"), [(errno.ENOSPC, "free space there"), (errno.EDQUOT, "free space there"),
+                                            (errno.EROFS, "make it writable"), (errno.EACCES, "make it writable")])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_last_complete_one_stays(saved, code, todo, monkeypatch):
+    engine = _engine(1)
+    _step(engine, 0)
+    monkeypatch.setattr(engine.checkpoint_engine._inner, "save", _full_disk(code))
+    with pytest.raises(OutputError) as err:
+        eng.save_checkpoint(engine, saved, 2, {"step": 2}, keep=1)
+    msg, tag = str(err.value), saved / eng.CKPT_DIR / "step00000002"
+    assert "\n" not in msg and msg.startswith(f"cannot write {tag}: ") and errno.errorcode[code] in msg
+    assert todo in msg and "paths.root" in msg
+    assert isinstance(err.value, OSError) and err.value.errno == code  # code that tolerates a failed write still does
+    # Nothing half-written: the partial tag dir is gone, `latest` names the last complete checkpoint, which loads.
+    assert not tag.exists() and (saved / eng.CKPT_DIR / "latest").read_text() == "step00000001"
+    monkeypatch.undo()
+    assert eng.load_latest_checkpoint(_engine(1), saved)["step"] == 1
+
+
+def test_a_failed_save_over_the_latest_checkpoint_leaves_no_latest(saved, monkeypatch):
+    engine = _engine(1)
+    monkeypatch.setattr(engine.checkpoint_engine._inner, "save", _full_disk(errno.ENOSPC))
+    with pytest.raises(OutputError):
+        eng.save_checkpoint(engine, saved, 1, {"step": 1}, keep=1)  # the same step: its files were being replaced
+    assert not (saved / eng.CKPT_DIR / "step00000001").exists() and not (saved / eng.CKPT_DIR / "latest").exists()
+    assert eng.load_latest_checkpoint(_engine(1), saved) is None  # the cell starts over, never from half a save
+
+
+def test_save_checkpoint_writes_latest_itself_and_prunes(saved):
+    engine = _engine(1)
+    eng.save_checkpoint(engine, saved, 2, {"step": 2}, keep=1)
+    ckpt = saved / eng.CKPT_DIR
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert [p.name for p in ckpt.glob("step*")] == ["step00000002"] and not list(ckpt.glob(".*.tmp"))
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_no_half_model(tmp_path, tiny_tokenizer, monkeypatch):
+    engine = _engine(0)
+    out = tmp_path / "student"
+
+    def half_then_full(directory, *args, **kwargs):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.module, "save_pretrained", half_then_full)
+    with pytest.raises(OutputError) as err:
+        eng.export_hf(engine, tiny_tokenizer, out, 0)
+    assert str(err.value).startswith(f"cannot write {out}: no space left on the device (ENOSPC): free space there")
+    assert list(tmp_path.iterdir()) == []  # neither the student dir nor its temp
 
 
 # ----------------------------------------------------------------------------- learning-rate schedule
