@@ -6,14 +6,11 @@ Each test runs the real `distill-train` (a subprocess) or the real W&B client. W
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from distill.tracking.wandb_run import Tracker
 from tests.behaviour.test_train_reliability import FAST, _env, _grep
 
 SECRET = "s3cr3t-value-0123456789abcdef"
@@ -68,18 +65,28 @@ def test_wandb_online_without_a_key_is_one_line_before_the_lock(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_wandb_unreachable_logs_offline_within_its_timeout(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")   # a closed local port: no W&B server
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    logger_cfg = {"name": "wandb", "project": "p", "mode": "online", "init_timeout_s": 3, "dir": str(tmp_path)}
-    tracker = Tracker(logger_cfg, run_id="unreachable-run", name="n", group="g", tags=[], config={"tau": 1.0},
-                      run_dir=tmp_path / "cell")
-    try:
-        tracker.log({"train/loss": 1.0}, step=1)
-    finally:
-        tracker.finish(0)
-    assert any("could not be reached" in r.getMessage() and "logs offline" in r.getMessage() for r in caplog.records)
+UNREACHABLE = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+from distill.tracking.wandb_run import Tracker
+cfg = {"name": "wandb", "project": "p", "mode": "online", "init_timeout_s": 3, "dir": sys.argv[1]}
+tracker = Tracker(cfg, run_id="unreachable-run", name="n", group="g", tags=[], config={"tau": 1.0},
+                  run_dir=sys.argv[1] + "/cell")
+tracker.log({"train/loss": 1.0}, step=1)
+tracker.finish(0)
+print("finished")
+"""
+
+
+def test_wandb_unreachable_logs_offline_within_its_timeout(tmp_path):
+    """In a process of its own: W&B keeps its login (key, base URL) in process-wide state."""
+    env = {**_env(), "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}   # a closed local port
+    env.pop("WANDB_MODE")
+    proc = subprocess.run([sys.executable, "-c", UNREACHABLE, str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "could not be reached within 3 s" in proc.stdout and "logs offline" in proc.stdout
+    assert proc.stdout.strip().endswith("finished")
     assert list((tmp_path / "wandb").glob("offline-run-*-unreachable-run/run-unreachable-run.wandb"))
 
 
