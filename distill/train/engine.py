@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import functools
 import logging
 import os
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from distill.config import BatchPlan, batch_plan
-from distill.options import CheckpointError
+from distill.options import CheckpointError, OutputError
 from distill.files import atomic_path, atomic_write_text, output_error
 
 log = logging.getLogger(__name__)
@@ -299,9 +300,10 @@ def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: 
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag.name, client_state=client_state, save_latest=False)
     except BaseException as exc:
+        err = _unwritable(exc, ckpt_dir, tag)  # before the partial dir goes: that frees the space it took
         if dist.get_rank() == 0:
             _drop_partial(ckpt_dir, tag)
-        if isinstance(exc, OSError) and (err := output_error(exc, tag)) is not None:
+        if err is not None:
             raise err from exc
         raise
     dist.barrier()
@@ -311,6 +313,20 @@ def save_checkpoint(engine, run_dir: Path, step: int, client_state: dict, keep: 
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _unwritable(exc: BaseException, ckpt_dir: Path, tag: Path) -> OutputError | None:
+    """The OutputError a failed save is, if any: an OSError of a full, read-only or forbidden disk, or torch's zip
+    writer failing (a RuntimeError from inline_container.cc, no errno: what torch.save raises on ENOSPC) while
+    less than 1 MiB is left on the checkpoint's disk."""
+    if isinstance(exc, OSError):
+        return output_error(exc, tag)
+    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):
+        with contextlib.suppress(OSError):
+            fs = os.statvfs(ckpt_dir)
+            if fs.f_bavail * fs.f_frsize < 2**20:
+                return output_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), tag)
+    return None
 
 
 def _drop_partial(ckpt_dir: Path, tag: Path) -> None:

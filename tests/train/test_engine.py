@@ -186,6 +186,30 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_last_complete_o
     assert eng.load_latest_checkpoint(_engine(1), saved)["step"] == 1
 
 
+@pytest.mark.parametrize("free_bytes", [40960, 10 * 2**30])
+def test_torchs_own_full_disk_error_is_one_line_when_the_disk_is_full(saved, free_bytes, monkeypatch):
+    """torch.save meets ENOSPC as a RuntimeError from its zip writer, errno-less: judged by the space left."""
+    engine = _engine(1)
+
+    def save(state_dict, path: str) -> None:
+        Path(path).write_bytes(b"PK\x03\x04 half a file")
+        # what torch.save raised writing to /dev/full (a full disk) here, verbatim
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    class Fs:
+        f_bavail, f_frsize = free_bytes // 4096, 4096
+
+    monkeypatch.setattr(engine.checkpoint_engine._inner, "save", save)
+    monkeypatch.setattr(eng.os, "statvfs", lambda _path: Fs())
+    with pytest.raises((OutputError, RuntimeError)) as err:
+        eng.save_checkpoint(engine, saved, 2, {"step": 2}, keep=1)
+    full = free_bytes < 2**20
+    assert isinstance(err.value, OutputError) == full and ("inline_container" in str(err.value)) != full
+    if full:
+        assert str(err.value).startswith(f"cannot write {saved / eng.CKPT_DIR / 'step00000002'}: no space left")
+    assert not (saved / eng.CKPT_DIR / "step00000002").exists()  # never half a checkpoint, whatever the error
+
+
 def test_a_failed_save_over_the_latest_checkpoint_leaves_no_latest(saved, monkeypatch):
     engine = _engine(1)
     monkeypatch.setattr(engine.checkpoint_engine._inner, "save", _full_disk(errno.ENOSPC))
