@@ -122,6 +122,13 @@ def problems(cfg: DictConfig, world_size: int | None = None) -> list[str]:
     return out
 
 
+def cache_wait_problem(value: Any) -> str | None:
+    """What is wrong with a loss.teacher_cache_wait_s value (seconds >= 0, or null: wait for ever), or None."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        return None
+    return f"loss.teacher_cache_wait_s={value!r}: must be a number of seconds >= 0, or null (wait for ever)"
+
+
 def _loss_problems(cfg: DictConfig) -> list[str]:
     """What cannot run in `loss`: the ratio, tau's target, the implementation and the teacher cache."""
     out: list[str] = []
@@ -138,6 +145,8 @@ def _loss_problems(cfg: DictConfig) -> list[str]:
                    "model.teacher.path is set), hidden, logits")
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
         out.append(f"loss.teacher_cache_topk={topk!r}: must be null (exact) or an integer k >= 1")
+    if (wait := cache_wait_problem(loss.get("teacher_cache_wait_s"))) is not None:
+        out.append(wait)
     if loss.impl == "fused":
         if float(loss.kd_ratio) != 1.0:
             out.append(f"loss.impl=fused computes only the distillation term: use loss.kd_ratio=1 (got {loss.kd_ratio})")

@@ -320,3 +320,9 @@ def test_check_config_raises_the_new_problems_as_one_config_error_listing_each()
     lines = str(err.value).strip().splitlines()
     assert [line.split(":")[0].lstrip("- ") for line in lines] == ["trainer.lr=nan", "trainer.log_every=0",
                                                                     "eval.batch_size=0"]
+
+
+@pytest.mark.parametrize("value, shown", [("-1", "-1"), ("soon", "'soon'"), ("true", "True")])
+def test_a_bad_teacher_cache_wait_is_refused_before_any_work(value, shown):
+    assert f"loss.teacher_cache_wait_s={shown}: must be a number of seconds >= 0, or null (wait for ever)" in \
+        problems(compose([f"loss.teacher_cache_wait_s={value}"]))

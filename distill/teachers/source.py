@@ -13,8 +13,9 @@ import torch
 from omegaconf import DictConfig
 
 from distill import models
+from distill.config import cache_wait_problem
 from distill.options import ConfigError
-from distill.teachers.cache import WAIT_S, WAIT_SETTING, TeacherCache, resolve_kind
+from distill.teachers.cache import WAIT_S, TeacherCache, resolve_kind
 from distill.train import engine as eng
 
 
@@ -57,11 +58,9 @@ def cache_wait_s(cfg: DictConfig) -> float | None:
     """loss.teacher_cache_wait_s: how long a cell waits for another cell's cache build that makes no progress
     (None: for ever); a value that is neither raises a ConfigError."""
     value = cfg.loss.get("teacher_cache_wait_s", WAIT_S)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{WAIT_SETTING}={value!r}: must be a number of seconds >= 0, or null (wait for ever)")
-    return float(value)
+    if (problem := cache_wait_problem(value)) is not None:   # check_config refuses it first; a direct caller here
+        raise ConfigError(problem)
+    return None if value is None else float(value)
 
 
 def teacher_cache(cfg: DictConfig, teacher: torch.nn.Module, train_ex: list[dict], *, pad_id: int,
