@@ -71,3 +71,8 @@ class OutputError(InputError, OSError):
     """A result file, checkpoint or export cannot be written: no space left, over quota, a read-only or forbidden
     dir (distill.files.output_error). One line naming the path and what to do; nothing half-written stays. Still
     an OSError (with its errno), so code that tolerates a failed write (a memo, a lock record) goes on doing so."""
+
+
+class TrainingDiverged(InputError):
+    """The training loss or gradient norm of a step is not finite (NaN, inf): the cell stops at that step,
+    failed, with one line naming the step, the value and what to try (a lower trainer.lr)."""

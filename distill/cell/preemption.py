@@ -2,10 +2,12 @@
 
 SLURM signals every task of a job: SIGTERM when it preempts, requeues or cancels it (then SIGKILL after
 `KillWait`), SIGUSR2 `signal_delay_s` before the time limit (the launcher's `--signal`). The handler only
-records the signal while the cell trains; at the next step boundary the ranks agree (an all-reduce of the
-flag: one rank's signal stops all), save a checkpoint and leave with `Interrupted` (a SystemExit, so
-submitit writes no result and the launcher waits for the requeued attempt). Outside the training loop
-(setup, final evaluation) there is nothing worth saving and the handler raises at once.
+records the signal while the cell trains (`in_loop`: the steps, then the final validation, selection and
+export); at the next boundary the ranks agree (an all-reduce of the flag: one rank's signal stops all), save a
+checkpoint (trainer.ckpt_every=0 included) and leave with `Interrupted` (a SystemExit, so submitit writes no
+result and the launcher waits for the requeued attempt). Elsewhere (setup, the benchmark evaluation once the
+engine is freed) there is nothing to save and the handler raises at once; the requeue message says where the
+next attempt starts (its latest checkpoint, or step 0).
 
 Who requeues: SLURM itself when it preempts or when someone ran `scontrol requeue` (the job is then no
 longer RUNNING). Otherwise nobody would, so the job requeues itself: through submitit's own handler when
@@ -102,27 +104,28 @@ class Preemption:
         return previous if getattr(previous, "__name__", "") == "checkpoint_and_try_requeue" else None
 
     # ---------------------------------------------------------------- requeue
-    def requeue(self) -> str:
-        """Requeue this SLURM job if nobody else will; return what happened (one line, also logged).
+    def requeue(self, resume: str = "from its latest checkpoint") -> str:
+        """Requeue this SLURM job if nobody else will; return what happened (one line, also logged). `resume`
+        says where the next attempt starts (`from its checkpoint at step 4`, `from step 0 (...)`).
 
         Call on rank 0 only, after the checkpoint and metrics are written and the cell lock is released.
         """
         job = slurm_job_id()
         if job is None:
-            msg = "not under SLURM: rerun the same command to resume from the checkpoint"
+            msg = f"not under SLURM: rerun the same command to resume {resume}"
         else:
             state = slurm_job_state(job)
             if state is None:
                 msg = f"SLURM job {job}: its state is unknown here (no scontrol): not requeued"
             elif state != "RUNNING":
-                msg = f"SLURM job {job} is {state}: SLURM requeues it or not (a requeued job resumes)"
+                msg = f"SLURM job {job} is {state}: SLURM requeues it or not (a requeued job resumes {resume})"
             else:
-                msg = self._requeue_running(job)
+                msg = self._requeue_running(job, resume)
         log.warning("%s", msg)
         print(f"distill: {msg}", file=sys.stderr, flush=True)
         return msg
 
-    def _requeue_running(self, job: str) -> str:
+    def _requeue_running(self, job: str, resume: str) -> str:
         handler = self.submitit_handler()
         if handler is not None:
             # submitit's path: its time-out countdown, its pickled submission, `scontrol requeue`, then
@@ -131,11 +134,11 @@ class Preemption:
                 handler(signal.SIGUSR2, None)
             except SystemExit:
                 pass
-            return f"SLURM job {job} requeued through submitit: the next attempt resumes from the checkpoint"
+            return f"SLURM job {job} requeued through submitit: the next attempt resumes {resume}"
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             return f"SLURM job {job}: scontrol requeue failed ({(proc.stderr or proc.stdout).strip()}): not requeued"
-        return f"SLURM job {job} requeued: the next attempt resumes from the checkpoint"
+        return f"SLURM job {job} requeued: the next attempt resumes {resume}"
 
 
 STATE = Preemption()

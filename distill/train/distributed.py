@@ -6,10 +6,13 @@ Every rank calls these at the same point (they are collective); with one process
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from distill.cell import lock as locks
 
 
 def on_rank0(fn: Callable[[], Any], rank: int, world: int) -> Any:
@@ -42,3 +45,12 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def ensure_lock_held(lock: locks.CellLock | None, run_dir: Path, device: torch.device, doing: str) -> None:
+    """Every rank raises LockLost together unless rank 0 still holds the cell's lock (`CellLock.holds`: a fresh
+    read of the lock file), before `doing` (a collective write: a checkpoint, an export). Only rank 0 holds the
+    lock; the others follow its verdict, so none waits in a collective that rank 0 left."""
+    lost = lock is not None and not lock.holds()
+    if all_reduce_max([float(lost)], device)[0]:
+        raise locks.lost_error(run_dir, doing, lock.lost_why if lock is not None else None)

@@ -43,7 +43,7 @@ from distill.teachers.source import build_teacher, load_teacher, teacher_cache
 from distill.tracking import wandb_run as tracking
 from distill.tracking.wandb_run import Tracker, truncate_log
 from distill.train import engine as eng
-from distill.train.distributed import on_rank0
+from distill.train.distributed import ensure_lock_held, on_rank0
 from distill.train.finish import failures_recorded
 from distill.train.selection import validate_model
 from distill.train.state import CellRun, Prepared
@@ -169,13 +169,13 @@ def lock_cell(cfg: DictConfig, run_dir: Path, rank: int, world: int) -> locks.Ce
 
 
 # --------------------------------------------------------------------------------------------- setup
-def setup(cfg: DictConfig, prepared: Prepared | None = None) -> CellRun:
+def setup(cfg: DictConfig, prepared: Prepared | None = None, lock: locks.CellLock | None = None) -> CellRun:
     """Everything a cell trains with: run dir, tracker, data, tokenizer, teacher (or its cache), the student
     under DeepSpeed resumed from its latest checkpoint, validation batches.
 
     Collective (every rank calls it). A failure here is recorded like one in training: metrics.json says
-    "failed" (rank 0) and the W&B run closes with exit code 1. `run_cell` calls it holding the cell lock;
-    benchmarks may call it alone.
+    "failed" (rank 0) and the W&B run closes with exit code 1. `run_cell` calls it holding the cell lock
+    (`lock`, rank 0: the cell's writes from here on ask it first); benchmarks may call it alone.
     """
     rank, world, device = init_process(cfg)
     prepared = prepared or prepare(cfg, rank, world)
@@ -184,10 +184,10 @@ def setup(cfg: DictConfig, prepared: Prepared | None = None) -> CellRun:
                                                config_signature=prepared.config_signature, run_dir=prepared.run_dir,
                                                inputs=prepared.fingerprints), rank, world)
     tracker = _tracker(cfg, metrics, rdir, rank)
-    with failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker):
+    with failures_recorded(rank=rank, run_dir=rdir, metrics=metrics, tracker=tracker, lock=lock):
         if rank == 0:
             write_started(rdir, metrics)
-        return _build_cell(cfg, prepared, rdir, metrics, tracker, rank=rank, world=world, device=device)
+        return _build_cell(cfg, prepared, rdir, metrics, tracker, rank=rank, world=world, device=device, lock=lock)
 
 
 def _open_run_dir(cfg: DictConfig, rdir: Path, rank: int) -> Path:
@@ -217,7 +217,7 @@ def _tracker(cfg: DictConfig, metrics: dict[str, Any], rdir: Path, rank: int) ->
 
 
 def _build_cell(cfg: DictConfig, prepared: Prepared, rdir: Path, metrics: dict[str, Any], tracker: Tracker, *,
-                rank: int, world: int, device: torch.device) -> CellRun:
+                rank: int, world: int, device: torch.device, lock: locks.CellLock | None) -> CellRun:
     """Encode the data, build the models, resume, and gather what the loop needs into a CellRun."""
     splits, tokenizer = prepared.splits, prepared.tokenizer
     trunc = encoding.TruncationStats()
@@ -240,6 +240,7 @@ def _build_cell(cfg: DictConfig, prepared: Prepared, rdir: Path, metrics: dict[s
         # `evaluate` call before the loop).
         val = validate_model(engine.module, teacher, val_batches, device, rank, world)
         rollout.observe_dev_loss(val["ce"])
+        ensure_lock_held(lock, rdir, device, "logging the dev loss before training")
         tracker.log({f"valid/{k}": v for k, v in val.items()}, step=0)
     bar = _progress_bar(sched, progress.step, metrics["name"]) if rank == 0 and cfg.trainer.progress else None
     progress.t_start = time.time()
@@ -247,7 +248,7 @@ def _build_cell(cfg: DictConfig, prepared: Prepared, rdir: Path, metrics: dict[s
     return CellRun(cfg=cfg, rank=rank, world=world, device=device, run_dir=rdir, schedule=sched, splits=splits,
                    tokenizer=tokenizer, train_examples=train_ex, val_batches=val_batches, engine=engine,
                    teacher=teacher, cache=cache, tracker=tracker, metrics=metrics, progress=progress,
-                   rollout=rollout, bar=bar, teacher_engine=teacher_engine)
+                   rollout=rollout, bar=bar, teacher_engine=teacher_engine, lock=lock)
 
 
 def _progress_bar(sched: Schedule, step: int, name: str) -> Any:

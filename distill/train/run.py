@@ -9,21 +9,25 @@ in its own module of distill/train/:
 
     prepared = prepare(cfg)      # prepare.py: config checks, distributed env, data, tokenizer, vocab check, input
                                  # fingerprints -> identity and run dir (a bad input stops here, nothing on disk)
-    lock_cell(...)               # prepare.py: one run per cell: a second run waits, then skips the finished cell
-    cell = setup(cfg, prepared)  # prepare.py -> state.CellRun: run dir, tracker, the schedule (global batch split
+    lock = lock_cell(...)        # prepare.py: one run per cell: a second run waits, then skips the finished cell
+    cell = setup(cfg, prepared, lock)  # prepare.py -> state.CellRun: run dir, tracker, the schedule (global batch split
                                  # over the ranks, epochs -> steps), teacher (frozen) or its cache
                                  # (distill/teachers/source.py), student (DeepSpeed ZeRO) resumed from its latest
                                  # checkpoint (weights-only), the rollout and its state
     train_step(cell, step)       # step.py: one optimizer step: the rollout's micro-batches, the loss of each
                                  # (objective.py), exact accumulation, engine.step
-    after_step(cell, result)     # step.py: train log, evaluation + checkpoint selection (selection.py), checkpoint
-                                 # on their cadence; a SIGTERM/SIGUSR2 stops here: checkpoint, `interrupted`,
+    after_step(cell, result)     # step.py: a lost lock or a non-finite loss stops here first (LockLost,
+                                 # TrainingDiverged: nothing of the step written); train log, evaluation +
+                                 # checkpoint selection (selection.py), checkpoint on their cadence; a
+                                 # SIGTERM/SIGUSR2 stops here: checkpoint (ckpt_every=0 too), `interrupted`,
                                  # requeue (distill/cell/preemption.py)
     finish(cell)                 # finish.py: final validation, HF export of the selected checkpoint, generation +
-                                 # ROUGE-L, metrics.json (distill/cell/results.py)
+                                 # ROUGE-L, metrics.json (distill/cell/results.py); a signal before the
+                                 # evaluation checkpoints the end of training
 
-Side effects (files, W&B, progress bar) happen on rank 0 only. The cell's own log is `<cell>/train.log`
-(distill/tracking/cell_log.py).
+Side effects (files, W&B, progress bar) happen on rank 0 only, each after asking the cell's lock whether this
+run still holds it (a run that was paused and taken over writes nothing). The cell's own log is
+`<cell>/train.log` (distill/tracking/cell_log.py).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from distill.train.distributed import on_rank0
 from distill.train.finish import failures_recorded, finish, stopped_at
 from distill.train.prepare import init_process, lock_cell, prepare, setup
 from distill.train.state import Prepared
-from distill.train.step import after_step, train_step
+from distill.train.step import after_step, resume_point, train_step
 
 log = logging.getLogger("distill.train")
 
@@ -79,7 +83,8 @@ def run_cell(cfg: DictConfig) -> dict[str, Any]:
             if handler is not None:
                 cell_log.detach(handler)
             if interrupted and rank == 0:
-                signals.requeue()  # last: the next attempt finds the checkpoint, metrics and a free lock
+                # last: the next attempt finds the checkpoint, metrics and a free lock
+                signals.requeue(resume_point(prepared.run_dir))
 
 
 def _completed_result(cfg: DictConfig, prepared: Prepared) -> dict[str, Any] | None:
@@ -90,11 +95,10 @@ def _completed_result(cfg: DictConfig, prepared: Prepared) -> dict[str, Any] | N
 def _train(cfg: DictConfig, prepared: Prepared, lock: locks.CellLock | None,
            signals: preempt.Preemption) -> dict[str, Any]:
     """Setup, the loop of steps (signals stop it at a step boundary), finish; a failure is recorded."""
-    cell = setup(cfg, prepared)
+    cell = setup(cfg, prepared, lock)
     with failures_recorded(rank=cell.rank, run_dir=cell.run_dir, metrics=cell.metrics, tracker=cell.tracker,
-                           where=lambda: stopped_at(cell)):
-        signals.in_loop = True
+                           where=lambda: stopped_at(cell), lock=lock):
+        signals.in_loop = True  # until finish frees the engine: signals stop at its boundaries, checkpointed
         while cell.progress.step < cell.schedule.max_steps:
-            after_step(cell, train_step(cell, cell.progress.step), lock)
-        signals.in_loop = False
+            after_step(cell, train_step(cell, cell.progress.step))
         return finish(cell)

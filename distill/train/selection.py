@@ -3,7 +3,8 @@
 Every `trainer.eval_every` steps (and once at the end) `evaluate_and_select` runs the validation loss
 (`validate`) and, for `trainer.select`, the value that ranks the evaluations: the dev CE (`loss`) or the dev
 ROUGE-L of generations (`rougeL`); `last` keeps the final step. The best evaluation so far is exported to
-`<run_dir>/selected/step<N>/`; `finish` makes it the cell's `student/`. The evaluations and the best one are
+`<run_dir>/selected/step<N>/`; `finish` copies it to the cell's `student/`. The export stays until the cell is
+completed: a preemption at any point before that resumes with it. The evaluations and the best one are
 checkpointed with the training state, and `resume_selection` puts them back consistently.
 """
 
@@ -20,7 +21,7 @@ import torch
 from distill.data import encoding
 from distill.evaluation import generate as evaluate
 from distill.train import engine as eng
-from distill.train.distributed import all_reduce_sum
+from distill.train.distributed import all_reduce_sum, ensure_lock_held
 from distill.train.state import CellRun, Progress
 
 log = logging.getLogger("distill.train")
@@ -109,15 +110,17 @@ def evaluate_and_select(cell: CellRun, *, final: bool = False) -> dict[str, Any]
     if select != "last" and _is_better(select, record["select"], p.best):
         p.best = {"step": p.step, "value": record["select"]}
         if not final:
+            ensure_lock_held(cell.lock, cell.run_dir, cell.device, f"exporting the evaluation of step {p.step}")
             eng.export_hf(cell.engine, cell.tokenizer, selected_dir(cell.run_dir, p.step), cell.rank)
             if cell.rank == 0:
                 prune_selected(cell.run_dir, keep={p.step, p.ckpt_best_step})
     return record
 
 
-def keep_checkpointed_best(p: Progress, run_dir: Path, rank: int) -> None:
-    """The latest checkpoint records `p.best`: its export is kept, the others go (rank 0)."""
-    p.ckpt_best_step = p.best["step"] if p.best else None
+def keep_checkpointed_best(p: Progress, run_dir: Path, rank: int, best: dict | None) -> None:
+    """The latest checkpoint records `best` (the best evaluation in its state): its export is kept, the others
+    go (rank 0)."""
+    p.ckpt_best_step = best["step"] if best else None
     if rank == 0:
         prune_selected(run_dir, keep={p.ckpt_best_step})
 
@@ -126,7 +129,7 @@ def resume_selection(p: Progress, run_dir: Path, rank: int) -> None:
     """After loading a checkpoint into `p`: keep only the export of the checkpoint's best step (exports of
     evaluations after the checkpoint belong to the lost attempt: they are redone), and restart the selection
     when that export is missing."""
-    keep_checkpointed_best(p, run_dir, rank)
+    keep_checkpointed_best(p, run_dir, rank, p.best)
     if p.best and not (selected_dir(run_dir, p.best["step"]) / "config.json").is_file():
         log.warning("the selected checkpoint of step %d is missing: selection restarts at step %d", p.best["step"],
                     p.step)

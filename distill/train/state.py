@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from distill.cell.lock import CellLock
 from distill.config import Schedule
 from distill.data.splits import DataSplits
 from distill.rollouts.rollout import Rollout
@@ -44,6 +45,7 @@ class Progress:
     evaluations: list[dict] = field(default_factory=list)  # per evaluation: step, valid metrics, selection value
     best: dict | None = None   # the evaluation selected so far (trainer.select); checkpointed with `evaluations`
     ckpt_best_step: int | None = None  # the best step recorded by the latest checkpoint (its export is kept)
+    ckpt_step: int | None = None       # the step of the latest checkpoint (None: none yet)
 
 
 @dataclass
@@ -69,3 +71,4 @@ class CellRun:
     rollout: Rollout             # where each step's sequences come from, with its checkpointed state
     bar: Any = None              # tqdm progress bar (rank 0, trainer.progress)
     teacher_engine: Any = None   # the DeepSpeed engine holding a partitioned teacher (model.teacher.shard)
+    lock: CellLock | None = None  # the cell's lock (rank 0 of run_cell): asked before every write of the cell

@@ -2,15 +2,19 @@
 
     sample_batches(cell, step)     this rank's micro-batches of the step (sample_indices, then the rollout)
     train_step(cell, step)         forward + loss + backward over them (exact accumulation), then the update
-    after_step(cell, result)       train log, evaluation + selection, checkpoint; the step boundary where a
-                                   SIGTERM/SIGUSR2 (or a lost cell lock) stops every rank
+    after_step(cell, result)       `check_step` (the lock still held, a finite loss: before anything of the step
+                                   is written), train log, evaluation + selection, checkpoint; the step boundary
+                                   (`stop_if_requested`) where a SIGTERM/SIGUSR2 (or a lost cell lock) stops
+                                   every rank
 
 A checkpoint holds the student (DeepSpeed) and `checkpoint_state`: where training stands, the RNG, the loss
-window, the training time and the evaluations so far; `resume` loads the latest one.
+window, the training time and the evaluations so far; `resume` loads the latest one. A signal always ends in a
+checkpoint, trainer.ckpt_every=0 included: the resumed attempt starts where the stopped one was.
 """
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -23,10 +27,10 @@ from distill.cell import lock as locks
 from distill.cell import preemption as preempt
 from distill.data import encoding
 from distill.data.encoding import response_mask
-from distill.options import LockLost
+from distill.options import LockLost, TrainingDiverged
 from distill.tracking import cell_log
 from distill.train import engine as eng
-from distill.train.distributed import all_reduce_max, all_reduce_sum
+from distill.train.distributed import all_reduce_max, all_reduce_sum, ensure_lock_held
 from distill.train.objective import EXAMPLE_IDS, micro_batch_loss, no_lap
 from distill.train.selection import evaluate_and_select, keep_checkpointed_best, resume_selection
 from distill.train.state import CellRun, Progress
@@ -114,25 +118,61 @@ def train_step(cell: CellRun, step: int, micro_batches: list[dict] | None = None
 
 
 # --------------------------------------------------------------------------------------------- after the step
-def after_step(cell: CellRun, result: dict[str, Any], lock: locks.CellLock | None = None) -> None:
-    """The loop's cadence after a step: train log, validation + checkpoint selection, checkpoint, progress bar;
-    and the step boundary where a SIGTERM/SIGUSR2 on any rank (or a lost cell lock) stops every rank:
-    checkpoint, then Interrupted."""
+def after_step(cell: CellRun, result: dict[str, Any]) -> None:
+    """The loop's cadence after a step: `check_step` before anything of the step is written, then the train log,
+    validation + checkpoint selection, the progress bar, the step boundary where a SIGTERM/SIGUSR2 on any rank
+    (or a lost cell lock) stops every rank (`stop_if_requested`: checkpoint, then Interrupted), and the
+    checkpoint on its cadence."""
     tcfg, sched, done = cell.cfg.trainer, cell.schedule, result["step"]
+    check_step(cell, result)
     if done % int(tcfg.log_every) == 0 or done == sched.max_steps:
         _log_train(cell, result["parts"])
     if sched.eval_every and done % sched.eval_every == 0 and done != sched.max_steps:
         _evaluate(cell, done)
-    stop = _stop_requested(cell, lock)
-    if isinstance(stop, LockLost):
-        raise stop  # another run owns the dir now: write nothing more
-    if stop is not None or (sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps):
-        _save_checkpoint(cell, done)
     if cell.bar is not None:
         cell.bar.update(1)
-    if stop is not None:
-        cell_log.logger.warning("step %d: %s; checkpoint saved", done, stop.reason)
-        raise stop
+    stop_if_requested(cell, f"step {done}")
+    if sched.ckpt_every and done % sched.ckpt_every == 0 and done != sched.max_steps:
+        _save_checkpoint(cell, done)
+
+
+def check_step(cell: CellRun, result: dict[str, Any]) -> None:
+    """Collective, before anything of the step is written: a cell lock rank 0 no longer holds stops every rank
+    (LockLost, nothing written), and so does a loss or gradient norm that is not finite on any rank
+    (TrainingDiverged: the cell fails at this step instead of training on NaN weights to the end)."""
+    norm = _grad_norm(cell)
+    lost = cell.lock is not None and not cell.lock.holds()
+    flags = all_reduce_max([float(lost), float(not math.isfinite(result["loss"])),
+                            float(norm is not None and not math.isfinite(norm))], cell.device)
+    if flags[0]:
+        raise locks.lost_error(cell.run_dir, f"writing step {result['step']}",
+                               cell.lock.lost_why if cell.lock is not None else None)
+    if flags[1] or flags[2]:
+        loss = all_reduce_sum([result["loss"]], cell.device)[0]  # the step's global mean loss
+        raise diverged(cell, result["step"], loss, norm)
+
+
+def _grad_norm(cell: CellRun) -> float | None:
+    """The step's global gradient norm when DeepSpeed reports it (ZeRO 1-3, bf16); None otherwise, and under
+    fp16, whose loss scaler skips a step that overflows (an inf norm there is routine, not divergence)."""
+    if cell.engine.fp16_enabled():
+        return None
+    norm = cell.engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def diverged(cell: CellRun, step: int, loss: float, norm: float | None) -> TrainingDiverged:
+    """The one line of a step whose loss or gradient norm is not finite: which step, what value, what to try."""
+    t = cell.cfg.trainer
+    what = (f"the training loss is {loss}" if not math.isfinite(loss)
+            else f"the gradient norm is {norm} (loss {loss:.4g})")
+    tries = [f"a lower trainer.lr (it is {float(t.lr):.3g}: e.g. {float(t.lr) / 10:.3g})"]
+    if not float(t.grad_clip):
+        tries.append("trainer.grad_clip=1.0")
+    if t.precision == "fp16":
+        tries.append("trainer.precision=bf16")
+    return TrainingDiverged(f"step {step}/{cell.schedule.max_steps}: {what}: training diverged, the cell stops "
+                            f"here; try {' or '.join(tries)}")
 
 
 def _evaluate(cell: CellRun, done: int) -> None:
@@ -140,17 +180,34 @@ def _evaluate(cell: CellRun, done: int) -> None:
     evaluation = evaluate_and_select(cell)
     if "ce" in evaluation:
         cell.rollout.observe_dev_loss(evaluation["ce"])  # SGO adapts its threshold here (DistiLLM: after each evaluation)
+    ensure_lock_held(cell.lock, cell.run_dir, cell.device, f"logging the evaluation of step {done}")
     cell.tracker.log({f"valid/{k}": v for k, v in evaluation.items() if k != "step"}, step=done)
 
 
-def _stop_requested(cell: CellRun, lock: locks.CellLock | None) -> Exception | BaseException | None:
+def stop_if_requested(cell: CellRun, where: str, state: dict[str, Any] | None = None) -> None:
+    """A step boundary (collective): a SIGTERM/SIGUSR2 on any rank stops every rank with a checkpoint of
+    `state` (default: where training stands now; none when the latest checkpoint is of this step already),
+    then Interrupted; a cell lock rank 0 no longer holds stops them with LockLost, writing nothing."""
+    stop = _stop_requested(cell)
+    if stop is None:
+        return
+    if isinstance(stop, LockLost):
+        raise stop  # another run owns the dir now: write nothing more
+    if cell.progress.ckpt_step != cell.progress.step:
+        _save_checkpoint(cell, cell.progress.step, state)
+    cell_log.logger.warning("%s: %s; checkpoint saved", where, stop.reason)
+    raise stop
+
+
+def _stop_requested(cell: CellRun) -> Exception | BaseException | None:
     """Agree across ranks whether to stop now: a signal on any rank (Interrupted), a lost lock (LockLost)."""
-    flags = all_reduce_max([float(preempt.STATE.signum or 0), float(bool(lock is not None and lock.lost))],
+    lock = cell.lock
+    flags = all_reduce_max([float(preempt.STATE.signum or 0), float(lock is not None and not lock.holds())],
                            cell.device)
     signum, lost = int(flags[0]), bool(flags[1])
     if lost:
-        return LockLost(f"{cell.run_dir}: this run's cell lock was taken over (it looked dead): stopped without "
-                        "writing; the run that holds it now finishes the cell")
+        return locks.lost_error(cell.run_dir, f"the end of step {cell.progress.step}",
+                                lock.lost_why if lock is not None else None)
     if signum:
         return preempt.Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step "
                                            f"{cell.progress.step}")
@@ -175,13 +232,15 @@ def _log_train(cell: CellRun, parts: dict[str, float]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(cell: CellRun, done: int) -> None:
-    """The rollout's state, the student and `checkpoint_state` at step `done`; the selected exports that the
-    checkpoint no longer needs go. Collective."""
+def _save_checkpoint(cell: CellRun, done: int, state: dict[str, Any] | None = None) -> None:
+    """The rollout's state, the student and `state` (default `checkpoint_state`) at step `done`; the selected
+    exports that the checkpoint no longer needs go. Collective."""
+    state = checkpoint_state(cell) if state is None else state
     if cell.rollout.stateful:  # before DeepSpeed's `latest` points at this tag
         cell.rollout.save(eng.checkpoint_dir(cell.run_dir, done), cell.rank)
-    eng.save_checkpoint(cell.engine, cell.run_dir, done, checkpoint_state(cell), keep=int(cell.cfg.trainer.keep_ckpts))
-    keep_checkpointed_best(cell.progress, cell.run_dir, cell.rank)
+    eng.save_checkpoint(cell.engine, cell.run_dir, done, state, keep=int(cell.cfg.trainer.keep_ckpts))
+    cell.progress.ckpt_step = done
+    keep_checkpointed_best(cell.progress, cell.run_dir, cell.rank, state["best"])
 
 
 def checkpoint_state(cell: CellRun) -> dict[str, Any]:
@@ -191,7 +250,8 @@ def checkpoint_state(cell: CellRun) -> dict[str, Any]:
     return {"step": p.step, "tokens": p.tokens, "torch_rng": torch.get_rng_state(),
             "loss_sum": all_reduce_sum([p.loss_sum], cell.device)[0], "loss_steps": p.loss_steps,
             "train_time_s": p.time_before + (time.time() - p.t_start),
-            "evaluations": p.evaluations, "best": p.best}
+            # copies: a state taken before the final evaluation is saved after it (finish) without its record
+            "evaluations": [dict(e) for e in p.evaluations], "best": dict(p.best) if p.best else None}
 
 
 def resume(engine: Any, rdir: Path, rank: int) -> Progress:
@@ -206,6 +266,19 @@ def resume(engine: Any, rdir: Path, rank: int) -> Progress:
     p = Progress(step=step, tokens=tokens, tokens_at_start=tokens,
                  loss_sum=float(state.get("loss_sum", 0.0)) if rank == 0 else 0.0,
                  loss_steps=int(state.get("loss_steps", 0)), time_before=float(state.get("train_time_s", 0.0)),
-                 evaluations=list(state.get("evaluations", [])), best=state.get("best"))
+                 evaluations=list(state.get("evaluations", [])), best=state.get("best"),
+                 ckpt_step=step if state else None)
     resume_selection(p, rdir, rank)
     return p
+
+
+def resume_point(run_dir: Path) -> str:
+    """Where the cell's next attempt starts, as its checkpoints say (the requeue message): `from its checkpoint
+    at step 4`, or `from step 0 (no checkpoint was saved)`."""
+    try:
+        tag = (Path(run_dir) / eng.CKPT_DIR / "latest").read_text(errors="replace").strip()
+    except OSError:
+        tag = ""
+    if eng.CKPT_TAG.match(tag):
+        return f"from its checkpoint at step {int(tag[4:])}"
+    return "from step 0 (no checkpoint was saved)"

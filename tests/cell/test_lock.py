@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
 import pytest
@@ -106,13 +107,13 @@ def test_a_holder_that_lost_its_lock_knows(tmp_path):
     assert read_holder(tmp_path / locks.LOCK_FILE).host == "elsewhere"  # release leaves the new holder's lock
 
 
-def _race(cell: str, start: float, out: mp.Queue) -> None:
+def _race(cell: str, start: float, out: mp.Queue, all_tried: ProcessEvent) -> None:
     while time.time() < start:
         time.sleep(0.001)
     lock = CellLock(cell, heartbeat_s=100, stale_after_s=300)
     got = lock.try_acquire() is None
     out.put((os.getpid(), got))
-    time.sleep(0.5)  # hold it while the others look
+    all_tried.wait(timeout=300)  # hold it until every racer has tried, however late a loaded machine starts it
     if got:
         lock.release()
 
@@ -120,14 +121,17 @@ def _race(cell: str, start: float, out: mp.Queue) -> None:
 def test_racing_processes_take_a_dead_lock_over_exactly_once(tmp_path):
     _plant(tmp_path, host="elsewhere", updated_at=time.time() - 1000)
     ctx = mp.get_context("fork")
-    out = ctx.Queue()
+    out, all_tried = ctx.Queue(), ctx.Event()
     start = time.time() + 0.5
-    procs = [ctx.Process(target=_race, args=(str(tmp_path), start, out)) for _ in range(6)]
+    procs = [ctx.Process(target=_race, args=(str(tmp_path), start, out, all_tried)) for _ in range(6)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=30) for _ in procs]
+    try:
+        results = [out.get(timeout=300) for _ in procs]
+    finally:
+        all_tried.set()
     for p in procs:
-        p.join(timeout=30)
+        p.join(timeout=300)
     assert sum(got for _, got in results) == 1, results
 
 
