@@ -7,9 +7,9 @@
 Variants (forward + backward of one loss, gradient w.r.t. the student):
   naive    a reference in the style of DistiLLM's losses: fp32 softmax / log_softmax of the full [N, V] tensors,
            probability products and inf masks materialised, masked mean at the end.
-  plain    distill.losses.distillation_loss.
-  chunked  distill.chunked_losses.chunked_distillation_loss (chunk_size rows at a time).
-  fused    distill.chunked_losses.fused_distillation_loss (from hidden states; never builds [N, V] logits).
+  plain    distill.losses.divergences.distillation_loss.
+  chunked  distill.losses.chunked.chunked_distillation_loss (chunk_size rows at a time).
+  fused    distill.losses.chunked.fused_distillation_loss (from hidden states; never builds [N, V] logits).
 Peers (optional: `pip install -e ".[peers]"`; a missing one is reported and skipped):
   torchtune       torchtune.modules.loss.ForwardKLWithChunkedOutputLoss (fkl only; its module loaded by file, see
                   benchmarks/peers.py), fed --tt-chunks chunks of

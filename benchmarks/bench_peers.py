@@ -41,7 +41,7 @@ What runs. One child process per (objective, tau) config; in it:
     threshold at 1 MiB so freed tensors leave the RSS (as in bench_losses.py).
   * Agreement: per step |loss_TRL - loss_ours| (absolute and relative), and the largest difference between the two
     students' final weights.
-  * Final ROUGE-L: both students through our evaluator (`distill.evaluate.evaluate_benchmarks`, the config's eval
+  * Final ROUGE-L: both students through our evaluator (`distill.evaluation.generate.evaluate_benchmarks`, the config's eval
     protocol and seeds).
 The demo pair is the demo's prep stages (teacher SFT, student warm start: `distill-demo`'s stages 1-2, under
 --root); if they are missing they are trained first, by the job, and kept (~3-4 min on 2 idle cores). Nothing is

@@ -34,10 +34,10 @@ teacher's, far from the demo's 800-step teacher. Which models were used is print
     from the measured per-step and fixed costs. Target (the Performance issue): cache grid <= 1.2x student-only.
 
 (b) Top-k approximation. On the first --topk-examples training examples, the teacher's tau=1 log-probs at every
-    response position are computed by `distill.teacher_cache.compute` exactly (topk=None) and as top-k for each k,
+    response position are computed by `distill.teachers.cache.compute` exactly (topk=None) and as top-k for each k,
     and the top-k rows are rebuilt by `rebuild_topk` (top-k exact, the remaining mass spread uniformly), i.e.
     exactly what a cell would train on. For fkl, rkl and jsd at each tau, the distillation loss
-    (`distill.losses.distillation_loss`, tau^2 on, mean over positions) of the student's logits against the exact
+    (`distill.losses.divergences.distillation_loss`, tau^2 on, mean over positions) of the student's logits against the exact
     and the rebuilt teacher gives |L_k - L| / L, and the gradient w.r.t. the student's logits gives
     ||g_k - g|| / ||g||. Separately, the teacher's tau-softened mass outside its top-k, mean and 95th percentile over
     positions: the non-dominant signal that top-k flattens, which grows with tau.

@@ -10,7 +10,7 @@ student is GPT-2's geometry (n_embd 768, 12 heads) with --student-layers of its 
 sequences of --seq tokens whose first --prompt tokens are the prompt (labels -100), so every other position is a
 response position. fp32, torch on 1 thread per process, CPU.
 
-(1) storage. Bytes per response position of each cache form (`distill.teacher_cache.bytes_per_position`): hidden
+(1) storage. Bytes per response position of each cache form (`distill.teachers.cache.bytes_per_position`): hidden
     states in bf16 and fp32, full float32 log-probs, top-k; as GB per 1M positions at GPT-2 XL and Qwen2.5-7B
     (hidden 3584, vocabulary 152064), and for Dolly (--dolly-positions response positions, an estimate: the
     dataset is not on this machine). The formulas are checked against caches built here by

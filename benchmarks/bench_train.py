@@ -6,9 +6,9 @@
 
 What is compared (same models, same batches, same math):
   bare      plain PyTorch: student forward, teacher forward under no_grad,
-            `distill.losses.distillation_loss` (fkl, tau=2, tau^2, summed over response tokens / their count),
+            `distill.losses.divergences.distillation_loss` (fkl, tau=2, tau^2, summed over response tokens / their count),
             loss.backward(), torch.nn.utils.clip_grad_norm_, torch.optim.AdamW, the job's LR schedule
-            (`distill.engine.lr_schedule` down to the job's floor, `distill.engine.min_lr_ratio`).
+            (`distill.train.engine.lr_schedule` down to the job's floor, `distill.train.engine.min_lr_ratio`).
   bare-jobloss  the bare loop with the job's `batch_loss` instead of `distillation_loss`: batch_loss also computes
             the CE term (logged; weight 1 - kd_ratio = 0 here, yet in the graph), so job-z0 vs bare-jobloss is
             DeepSpeed alone and bare-jobloss vs bare is the CE term alone.

@@ -120,7 +120,7 @@ def build_model(
 
 def vocab_problem(v_student: int, v_teacher: int | None, n_tokenizer: int) -> str | None:
     """Why a pair's vocabularies cannot work together, or None. The teacher may have extra (padded) rows,
-    never fewer: the loss drops a teacher's extra columns (distill.losses.align_vocab), a student wider than
+    never fewer: the loss drops a teacher's extra columns (distill.losses.divergences.align_vocab), a student wider than
     its teacher would leave student tokens without a target, and a tokenizer larger than the student would
     index past its embeddings."""
     if v_teacher is not None and v_teacher < v_student:

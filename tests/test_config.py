@@ -192,7 +192,7 @@ def test_split_sweep_tells_sweeps_from_plain_overrides():
     assert plain == ["seed=0", "eval.seeds=[10,20]"] and sweeps == ["tau=1.0,2.0", "divergence=glob(*)", "+x=range(1,3)"]
 
 
-# ------------------------------------------------------------------ settings that cannot train (issue 31)
+# ------------------------------------------------------------------ settings that cannot train
 def _only_problem(*overrides: str) -> str:
     """The one problem `experiment=smoke` + `overrides` has: one line, naming what was given."""
     found = problems(compose(["experiment=smoke", *overrides]))

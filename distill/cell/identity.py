@@ -100,7 +100,7 @@ def float_fields(data: dict) -> dict:
 def signature(cfg: DictConfig | Mapping, length: int = 8, inputs: Mapping[str, Any] | None = None) -> str:
     """Short stable hash of `result_config(cfg)` (sorted-key JSON, sha1), and of the inputs' content.
 
-    `inputs` (distill.inputs.fingerprints) joins the identity by content digest only: the same file
+    `inputs` (distill.cell.fingerprints.fingerprints) joins the identity by content digest only: the same file
     moved keeps its identity through the config's path; the same path with new bytes is a new cell.
     Without `inputs` this is the config's signature alone.
     """

@@ -1,7 +1,7 @@
 """The data config -> splits: train / valid records, the named benchmarks and (embedded) the tokenizer.
 
 `load_data` reads a ``conf/data/*.yaml`` config with the readers of `distill.data` (external files, the
-Hub) or the generated suite of `distill.tasks`; it sits in its own module so that neither of those two
+Hub) or the generated suite of `distill.data.embedded`; it sits in its own module so that neither of those two
 imports the other's caller (tasks builds on data's records and templates).
 """
 
@@ -58,7 +58,7 @@ def prompt_too_long(record: Record, tokenizer: Any, template: str, max_prompt_le
 def load_data(data_cfg: Any, data_root: Path, tokenizer: Any = None) -> DataSplits:
     """Build train / valid / benchmark records from a ``conf/data/*.yaml`` config.
 
-    kind=embedded: the generated suite (`distill.tasks.prepare_embedded` under ``data_root``);
+    kind=embedded: the generated suite (`distill.data.embedded.prepare_embedded` under ``data_root``);
     ``tokenizer_dir`` is its tokenizer. kind=jsonl: ``train_file`` read with ``fmt``; kind=hub:
     ``hub_id`` via `data.load_hub_records`. For jsonl/hub, the last ``test_size`` records become the
     benchmark named ``name`` when its file is null, the first ``valid_size`` of the rest (or

@@ -8,7 +8,7 @@ Protocol (what the anchors report, so our numbers are comparable):
     mean over examples, x100; reported as mean and std over the eval seeds.
 
 Two temperatures exist in this project. `temperature` here is always the SAMPLING temperature of
-generation; the distillation temperature is `tau` (see distill/losses.py) and never enters this module:
+generation; the distillation temperature is `tau` (see distill/losses/divergences.py) and never enters this module:
 teacher-forced KL is measured at tau = 1, i.e. between the models' actual distributions.
 """
 
@@ -208,7 +208,7 @@ def generate(
     """Generate one response per prompt with HF `model.generate`, in batches, and return the decoded
     new tokens only (special tokens skipped, whitespace stripped), in prompt order.
 
-    Prompts are left-padded (`distill.data.encode_prompts_left`, truncated to `max_prompt_length` on
+    Prompts are left-padded (`distill.data.encoding.encode_prompts_left`, truncated to `max_prompt_length` on
     `truncation_side`, as in training).
     Each batch may add `max_new_tokens` tokens, or, when None, `max_length - padded prompt length`
     (at least 1); generation stops at the tokenizer's EOS. `temperature` is the SAMPLING temperature

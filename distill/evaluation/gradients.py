@@ -4,7 +4,7 @@ The paper's mechanism: raising the distillation temperature tau enriches the for
 gradient with the teacher's NON-DOMINANT tokens, while it mostly rescales the reverse-KL one.
 We measure it directly. For student logits S and teacher logits T [N, V] and each
 (objective, tau) we take G = d D_tau(S, T) / dS per position (autograd through
-`distill.losses.divergence_per_token`, no tau^2), split every row into the teacher's top-k
+`distill.losses.divergences.divergence_per_token`, no tau^2), split every row into the teacher's top-k
 tokens ("dominant"; top-k of p_tau is the same set at every tau because softmax is monotone)
 and the rest, and report, as means over positions (norm_ratio: median):
 

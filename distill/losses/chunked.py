@@ -251,7 +251,7 @@ def fused_distillation_loss(student_hidden: Tensor, student_weight: Tensor, teac
     Args:
         student_hidden, teacher_hidden: [..., H_s] and [..., H_t] last hidden states (same leading shape).
         student_weight, teacher_weight: [V_s, H_s] and [V_t, H_t] output-layer (lm_head) weights; V_t >= V_s
-            follows the vocabulary rule of ``distill.losses.align_vocab``.
+            follows the vocabulary rule of ``distill.losses.divergences.align_vocab``.
         mask: bool/integer [...] positions that count. Other arguments as in ``distillation_loss``.
         student_transform, teacher_transform: each model's logit scaling / softcapping (None = identity).
 

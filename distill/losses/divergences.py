@@ -42,7 +42,7 @@ __all__ = [
     "distillation_loss",
     "kl_at_tau1",
     "resolve_params",
-    # helpers shared with distill.chunked_losses
+    # helpers shared with distill.losses.chunked
     "check_mask",
     "check_shapes",
     "check_tau",

@@ -15,7 +15,7 @@ exactly the draws an uninterrupted one would; what does carry across steps (the 
 threshold and the dev loss it compares with, the counters) is `Rollout.state_dict`, saved with every
 checkpoint as safetensors + JSON (no pickle).
 
-Generated responses become training examples of the same shape as `distill.data.encode_example`'s: the
+Generated responses become training examples of the same shape as `distill.data.encoding.encode_example`'s: the
 prompt is labelled -100, the response is cut right after its first EOS (the EOS is a label once, whatever
 follows is dropped), and the whole is capped at ``data.max_length``. They are collated, teacher-scored and
 lossed exactly like reference examples; a teacher cache cannot serve them (it is addressed by training

@@ -54,7 +54,7 @@ def sample_examples(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *,
     """Sample one response per prompt (token ids) from `model` and return them as training examples.
 
     Batched, left-padded, KV-cached generation that stops once every row has emitted EOS
-    (`distill.evaluate.sample_new_tokens`), seeded by `seed` without touching the caller's RNG. Each
+    (`distill.evaluation.generate.sample_new_tokens`), seeded by `seed` without touching the caller's RNG. Each
     batch may add `sampling.max_new_tokens` tokens, or when null `max_length - padded prompt length`.
     `sampling.temperature` is the SAMPLING temperature, not the loss's tau. `synced_gpus` must be set
     when the model's forwards are collective (ZeRO-3 with more than one rank).

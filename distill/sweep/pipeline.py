@@ -90,7 +90,7 @@ def _split(extra: list[str]) -> tuple[list[str], list[str]]:
 
 def locate(cfg) -> Path | None:
     """The run dir `distill-train` will give `cfg` (its signature includes its input files' fingerprints,
-    distill.inputs), or None while an input does not exist yet (a previous stage's export, the data)."""
+    distill.cell.fingerprints), or None while an input does not exist yet (a previous stage's export, the data)."""
     try:
         return inputs.locate(cfg)[0]
     except Exception:  # noqa: BLE001 (any unreadable input: the stage is simply not known to be done)

@@ -2,7 +2,7 @@
 
 Rank 0 only: other ranks get a tracker whose methods do nothing.
 
-What a cell's W&B run looks like (the dashboard and `distill.report.records_from_wandb` read this):
+What a cell's W&B run looks like (the dashboard and `distill.report.wandb.records_from_wandb` read this):
 
 - id `<sweep>-<cell name>-<signature>` (`run_id`), group = sweep, `job_type` teacher-sft / student-sft /
   distill, config = the resolved Hydra config, nested, with tau and the other float fields as floats.
@@ -19,7 +19,7 @@ What a cell's W&B run looks like (the dashboard and `distill.report.records_from
 A requeued cell is a new W&B attempt with the same id; `wandb sync` uploads the attempts of one run in
 order of start time, appended. Each attempt logs a metric at a step only if no earlier attempt logged
 it there or later: before logging, it reads what earlier attempts really put in their `.wandb` files
-(`distill.wandb_offline`) and re-logs from the local `train_log.jsonl` what a hard-killed attempt
+(`distill.tracking.offline`) and re-logs from the local `train_log.jsonl` what a hard-killed attempt
 logged but never wrote to disk (W&B writes 32 KiB blocks, and has no flush). Synced, every step shows once.
 """
 

@@ -1,4 +1,4 @@
-"""The teacher cache cannot be silently wrong or stuck (issue 31): altered, truncated and missing shards are found
+"""The teacher cache cannot be silently wrong or stuck: altered, truncated and missing shards are found
 and rebuilt (or refused in one line where they cannot be), a complete cache is read from a read-only dir, and a
 cell waiting for a stopped builder says so and gives up.
 

@@ -1,4 +1,4 @@
-"""One line instead of a traceback (issue 31), end to end: settings that cannot train, a full disk under a result
+"""One line instead of a traceback, end to end: settings that cannot train, a full disk under a result
 file, a checkpoint or the export, a pickle-only checkpoint dir.
 
 Each test runs the real job (tiny smoke cells, in-process where the cell's record is the point, as the CLI where

@@ -26,7 +26,7 @@ def test_every_recipe_dir_is_a_pipeline_recipe():
 @pytest.fixture(scope="module")
 def gpt2_plan(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    # the data must exist: a cell's identity includes its input files' fingerprints (distill.inputs)
+    # the data must exist: a cell's identity includes its input files' fingerprints (distill.cell.fingerprints)
     return root, pipeline.plan("gpt2-xl_gpt2", root, [f"data.dir={MINILLM}", "hydra.launcher.partition=gpu"])
 
 

@@ -1,4 +1,4 @@
-"""The cell's run under a hostile user (issue 31): a heartbeat on a full disk, a holder paused and taken over, a
+"""The cell's run under a hostile user: a heartbeat on a full disk, a holder paused and taken over, a
 preemption during selection, export or evaluation, trainer.ckpt_every=0, a diverging loss, a garbage lock file.
 
 Each test runs the real job on a tiny smoke cell, in-process where it can, as a CLI where the exit status and the

@@ -1,4 +1,4 @@
-"""Reliability: secrets reach no file, W&B never prompts or hangs, names cannot leave the output root (issue 31).
+"""Reliability: secrets reach no file, W&B never prompts or hangs, names cannot leave the output root.
 
 Each test runs the real `distill-train` (a subprocess) or the real W&B client. W&B "unreachable" is a closed port on
 127.0.0.1 (nothing listens on port 9 here): the client fails to connect, as it would without a network.

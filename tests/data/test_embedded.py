@@ -1,4 +1,4 @@
-"""Tests for distill/tasks.py: the generated suite (determinism, paraphrases, disjoint and shifted
+"""Tests for distill/data/embedded.py: the generated suite (determinism, paraphrases, disjoint and shifted
 splits), the local tokenizer (exact round trip, digits), and the cached `prepare_embedded` dir."""
 
 from __future__ import annotations

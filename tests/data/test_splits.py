@@ -1,4 +1,4 @@
-"""Tests for distill/splits.py: the data config -> train / valid / benchmark records (embedded, JSONL files,
+"""Tests for distill/data/splits.py: the data config -> train / valid / benchmark records (embedded, JSONL files,
 the Hub path offline), held-out splits, overlap removal and config errors."""
 
 from __future__ import annotations

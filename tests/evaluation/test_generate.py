@@ -1,4 +1,4 @@
-"""Tests for distill/evaluate.py: metrics on hand-worked cases, generation on a tiny random GPT-2,
+"""Tests for distill/evaluation/generate.py: metrics on hand-worked cases, generation on a tiny random GPT-2,
 benchmark files/summaries, and teacher-forced CE/KL against manual computations."""
 
 import json

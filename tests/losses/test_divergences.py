@@ -1,4 +1,4 @@
-"""Tests for distill/losses.py against independent float64 references written with explicit probabilities."""
+"""Tests for distill/losses/divergences.py against independent float64 references written with explicit probabilities."""
 
 from __future__ import annotations
 

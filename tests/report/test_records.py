@@ -142,7 +142,7 @@ def test_no_reference_for_hub_models_or_random_inits(tmp_path):
     assert references(scan_sweep(sweep), sweep) == []
 
 
-# ----------------------------------------------------------------------------- malformed metrics.json (issue 31)
+# ----------------------------------------------------------------------------- malformed metrics.json
 DAMAGED = "fkl-tau1-s0-45807ce7"  # one of the two seeds of fkl at tau=1
 
 

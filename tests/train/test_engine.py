@@ -1,4 +1,4 @@
-"""distill/engine.py: checkpoints load weights-only at every ZeRO stage; planted or corrupt files are refused; the
+"""distill/train/engine.py: checkpoints load weights-only at every ZeRO stage; planted or corrupt files are refused; the
 learning-rate schedule (transformers' warmup + cosine) equals the hand-written one it replaced, step by step."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def test_a_latest_that_cannot_be_read_is_one_line(saved):
     assert "\n" not in str(err.value) and "cannot be read" in str(err.value) and "force=true" in str(err.value)
 
 
-# ----------------------------------------------------------------------------- a full disk (issue 31)
+# ----------------------------------------------------------------------------- a full disk
 def _full_disk(code: int):
     """A writer that writes half of its file, then fails as a full (or read-only) disk does."""
     def write(state_dict, path: str) -> None:  # TorchCheckpointEngine.save's own signature (called by keyword)
@@ -247,7 +247,7 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_no_half_model(t
 
 
 def hand_written_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """The schedule the job used before it took transformers' (distill/engine.py up to issue 11), verbatim."""
+    """The schedule the job used before it took transformers' own, verbatim."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
