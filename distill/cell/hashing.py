@@ -1,4 +1,4 @@
-"""Content hashing: the one recipe behind every identity (a cell's signature, the teacher cache, seq-KD samples).
+"""Content hashing: the one way behind every identity (a cell's signature, the teacher cache, seq-KD samples).
 
 Two kinds of digest, each made one way:
 - the content of files: sha256 of their bytes, memoised on disk by stat (`DigestCache`), so a 15 GB teacher is

@@ -34,7 +34,7 @@ from distill.data.encoding import render_prompt
 from distill.data.task_families import FAMILIES, Example
 from distill.files import atomic_path
 
-# Bump when the generator or tokenizer recipe changes: it is part of the cache dir name.
+# Bump when the generator or tokenizer code changes: it is part of the cache dir name.
 CODE_VERSION = 1
 
 SPLITS = ("train", "valid", "test", "shift_wording", "shift_long")
