@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
@@ -126,6 +126,7 @@ def _grad(fn, student: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tenso
 @pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
 @FAST
 @given(seed=st.integers(0, 2**31 - 1), tau=st.sampled_from(TAUS), scale=st.sampled_from([0.3, 2.0, 6.0]))
+@example(seed=23960466, tau=4.0, scale=0.3)   # a TVD row with p ~ q at a token: float32 and float64 on the kink
 def test_matches_float64_reference(name, params, seed, tau, scale):
     s, t = _logits(seed, scale=scale)
     w = torch.rand(s.shape[:-1], generator=torch.Generator().manual_seed(seed + 1))
@@ -133,7 +134,18 @@ def test_matches_float64_reference(name, params, seed, tau, scale):
     want, want_grad = _grad(lambda x: reference(name, x, t, tau, **params), s.double(), w.double())
     assert got.dtype == torch.float32 and got.shape == s.shape[:-1]
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(got_grad.double(), want_grad, rtol=2e-4, atol=2e-5)
+    rows = _smooth_rows(name, s, t, tau)
+    torch.testing.assert_close(got_grad.double()[rows], want_grad[rows], rtol=2e-4, atol=2e-5)
+
+
+def _smooth_rows(name: str, student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """The positions where the divergence is differentiable to float32's precision. TVD is |p - q| summed: where
+    some token has p ~ q (a flat student and teacher at a high tau), float32 and float64 may take the kink's two
+    sides and their gradients legitimately differ; every other objective is smooth everywhere."""
+    if name != "tvd":
+        return torch.ones(student.shape[:-1], dtype=torch.bool)
+    gap = (_probs(teacher.double(), tau) - _probs(student.double(), tau)).abs().amin(-1)
+    return gap > 1e-5
 
 
 @pytest.mark.parametrize("name", DIVERGENCES)
